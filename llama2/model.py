@@ -1,0 +1,294 @@
+"""The Llama 2 transformer (Llama 2 §2.2, Table 1; Appendix A.2.1).
+
+Decoder-only, pre-norm RMSNorm, SwiGLU MLP, rotary embeddings, grouped-query attention, no biases.
+Parameter names follow Meta's released checkpoints (`tok_embeddings`, `layers.N.attention.wq`,
+`feed_forward.w1/w2/w3`, `attention_norm`, `ffn_norm`, `norm`, `output`) so that official weights
+load with a plain `load_state_dict`. This file holds no distributed or training code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # model width (Table 1)
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (MHA, 7B/13B); 8 for GQA (34B/70B)
+    vocab_size: int = 32000  # SentencePiece BPE, 32k (§2.2)
+    hidden_dim: int = 11008  # SwiGLU inner width
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 4096  # context length (§2.2)
+    tie_embeddings: bool = False  # Llama 2 unties; SmolLM2 and other small models tie
+    head_dim: int | None = None  # None = dim // n_heads
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        hd, kv = self.head_dim, self.n_kv_heads
+        attn = self.dim * hd * (2 * self.n_heads + 2 * kv)
+        mlp = 3 * self.dim * self.hidden_dim
+        per_layer = attn + mlp + 2 * self.dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + self.dim + (emb if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM appendix B)."""
+        n = self.num_params(include_embeddings=False) + self.vocab_size * self.dim  # output head counts
+        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def meta_ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's rule for the SwiGLU width: 2/3 of 4·dim, scaled, rounded up to `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# Size presets. The four paper sizes are Table 1 / SPEC §1; `tiny` is ours: ~3M parameters, what a
+# 2-core CPU can pretrain in minutes (a ~2M model at dim 192 learned the built-in world's facts in
+# ~1,500 steps; wider models got too few steps in the same time).
+PRESETS: dict[str, ModelArgs] = {
+    "tiny": ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=4096, hidden_dim=512,
+                      max_seq_len=512),
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
+    "34B": ModelArgs(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, hidden_dim=22016),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelArgs.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta does) and cast back before the gain.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Complex rotations e^{i·pos·θ_j} for each position: (B, T) -> (B, T, 1, head_dim/2) complex64."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1) of each head (Meta's interleaved layout). x: (B, T, H, hd)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Key/value buffers for incremental decoding, one (k, v) pair per layer.
+
+    Every row of the batch writes the same columns; rows of different prompt lengths are left-padded
+    and `key_mask` marks which columns hold real tokens, so padding is never attended to.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)  # (B, n_kv, S, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # columns filled so far
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at the next columns; return keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (drop finished sequences)."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.key_mask = self.key_mask[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:  # plain causal attention over this chunk only (training, no cache)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(
+    T: int,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    device=None,
+) -> torch.Tensor | None:
+    """Boolean mask (True = may attend), broadcastable to (B, 1, T, S); None means plain causal.
+
+    - `doc_ids` (B, T): packed rows; a token attends only to earlier tokens of its own document.
+    - `cache`: queries are the T columns after `cache.length`; keys are every filled column that
+      `cache.key_mask` marks as real. Each query may also see itself, so that padded rows never see
+      an empty set of keys (an all-masked softmax row would produce NaN and leak into later layers).
+    """
+    if doc_ids is None and cache is None:
+        return None
+    if cache is None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        return (same_doc & causal)[:, None]
+    start, S = cache.length, cache.length + T
+    q_col = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+    k_col = torch.arange(S, device=device)[None, :]  # (1, S)
+    causal = k_col <= q_col  # (T, S)
+    mask = causal[None] & cache.key_mask[:, None, :S]  # (B, T, S)
+    mask = mask | (k_col == q_col)[None]
+    if doc_ids is not None:  # documents inside the new chunk stay apart; cached columns are one doc
+        raise ValueError("doc_ids cannot be combined with a KV cache")
+    return mask[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh weights: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers) (GPT-2 style;
+        the paper is silent, torchtitan and nanoGPT do this), norms at 1."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`).
+
+        positions: (B, T) rotary positions; default 0..T-1 (after the cache's filled columns).
+        doc_ids: (B, T) document index of each token in a packed row (see `attention_mask`).
+        return_hidden: return the final normalised hidden states (B, T, dim) instead of logits.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        freqs_cis = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
+        mask = attention_mask(T, doc_ids=doc_ids, cache=cache, device=tokens.device)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, freqs_cis, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return self.output(h).float()
