@@ -161,23 +161,23 @@ class ChatFormat:
                 raise ChatFormatError(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
             if not isinstance(content, str):
                 raise ChatFormatError(f"message {i}: content must be a string, got {type(content).__name__}")
-            if role == "system":
-                if i > 0:
-                    raise ChatFormatError(f"message {i}: a system message may only come first")
-                offset = 1
-                continue
-            expected = "user" if (i - offset) % 2 == 0 else "assistant"
-            if role != expected:
-                raise ChatFormatError(
-                    f"message {i}: expected a {expected} message, got {role} "
-                    "(after an optional system message, roles alternate user/assistant)"
-                )
             for tag in self.forbidden:
                 if tag in content:
                     raise ChatFormatError(
                         f"message {i} ({role}): contains the special tag {tag!r}; refused so that "
                         "turns cannot be forged"
                     )
+            if role == "system":
+                if i > 0:
+                    raise ChatFormatError(f"message {i}: a system message may only come first")
+                offset = 1
+                continue
+            expected = "a user" if (i - offset) % 2 == 0 else "an assistant"
+            if role != expected.split()[1]:
+                raise ChatFormatError(
+                    f"message {i}: expected {expected} message, got {role} "
+                    "(after an optional system message, roles alternate user/assistant)"
+                )
         if len(dialog) == offset:
             raise ChatFormatError("message 0: a system message must be followed by a user message")
         final = dialog[-1]["role"]

@@ -306,7 +306,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return _load_gguf(path)
+        return tokenizer_from_gguf(path)
     if path.suffix == ".json":
         return _load_hf(path)
     if path.suffix == ".gguf":
@@ -376,14 +376,10 @@ def _load_hf(file: Path) -> HFTokenizer:
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
-def _gguf_metadata(path: Path) -> dict:
+def _gguf_metadata(reader) -> dict:
     """The tokenizer.* metadata of a GGUF file as plain Python values."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read GGUF ({e})") from None
     meta = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -402,8 +398,20 @@ def _gguf_metadata(path: Path) -> dict:
     return meta
 
 
-def _load_gguf(path: Path) -> HFTokenizer:
-    meta = _gguf_metadata(path)
+def tokenizer_from_gguf(source) -> HFTokenizer:
+    """The tokenizer embedded in a GGUF file (a path, or a `gguf.GGUFReader` already open: reading
+    a GGUF's header takes seconds, so a checkpoint loader can share its reader)."""
+    from gguf import GGUFReader
+
+    if isinstance(source, GGUFReader):
+        reader, path = source, Path(str(getattr(source.data, "filename", "model.gguf")))
+    else:
+        path = Path(source)
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as e:  # gguf raises ValueError/struct.error/... on damaged files
+            raise ValueError(f"{path}: cannot read GGUF ({e})") from None
+    meta = _gguf_metadata(reader)
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
@@ -418,6 +426,10 @@ def _load_gguf(path: Path) -> HFTokenizer:
             f"{path}: tokenizer.ggml.model {kind!r} is not supported "
             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
         )
+    for key in ("bos", "eos", "unknown", "padding"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id={i} is outside the vocabulary")
     special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
     # llama.cpp prepends BOS to SentencePiece vocabularies unless the file says otherwise.
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))

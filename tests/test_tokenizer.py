@@ -7,7 +7,7 @@ import gguf
 import pytest
 
 from llama2.cli import main
-from llama2.tokenizer import StreamDecoder, load_tokenizer, train_sentencepiece
+from llama2.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf, train_sentencepiece
 
 WORDS = (
     "the model was trained on two trillion tokens of public data and then fine tuned with "
@@ -252,8 +252,9 @@ def test_gguf_tokenizer_saves_as_tokenizer_json(smollm, smollm_hf, tmp_path):
 def test_llama_gguf_matches_sentencepiece(sp, tmp_path):
     tok = load_tokenizer(sp_as_gguf(sp, tmp_path / "llama.gguf"))
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.vocab_size, tok.add_bos) == (1, 2, 0, 400, True)
+    shared = tokenizer_from_gguf(gguf.GGUFReader(str(tmp_path / "llama.gguf")))  # a checkpoint loader's reader
     for text in TEXTS + corpus(50, seed=3):
-        assert tok.encode(text) == sp.encode(text), text
+        assert tok.encode(text) == shared.encode(text) == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     assert tok.encode_special("<s>the</s>") == sp.encode_special("<s>the</s>") == [1] + sp.encode("the") + [2]
 
