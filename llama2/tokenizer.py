@@ -30,8 +30,9 @@ TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the template be
 # llama.cpp's token types (`tokenizer.ggml.token_type`).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# GPT-2's split rule: contractions, letters, numbers, other symbols, each with one leading space.
-# `tokenizers`' ByteLevel pre-tokenizer applies it when use_regex=True.
+# How text is cut into words before byte-level BPE. GPT-2's rule (contractions, letters, numbers,
+# other symbols, each with one leading space) is built into `tokenizers`' ByteLevel pre-tokenizer.
+# Llama 3 groups digits by three and keeps newlines apart; Qwen2 splits digits one by one.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -167,9 +168,8 @@ class Tokenizer:
     def _config(self, tokenizer_class: str) -> dict:
         """tokenizer_config.json as transformers reads it: special tokens, BOS rule, template."""
         cfg: dict = {"tokenizer_class": tokenizer_class}
-        for key, value in self.template_variables().items():
-            if value:
-                cfg[key] = value
+        for key, i in (("bos", self.bos_id), ("eos", self.eos_id), ("unk", self.unk_id), ("pad", self.pad_id)):
+            cfg[f"{key}_token"] = None if i is None else self.id_to_piece(i)  # null: "has none"
         cfg.update(add_bos_token=self.add_bos, add_eos_token=False, clean_up_tokenization_spaces=False)
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
@@ -251,6 +251,9 @@ class HFTokenizer(Tokenizer):
         self._tk = tokenizers.Tokenizer.from_str(serialized)
         self._tk.encode_special_tokens = True
         self._tk_special = tokenizers.Tokenizer.from_str(serialized)
+        for tk in (self._tk, self._tk_special):  # some tokenizer.json files ship with these enabled
+            tk.no_truncation()
+            tk.no_padding()
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
         self.vocab_size = vocab_size or self._tk.get_vocab_size(with_added_tokens=True)
         added = self._tk.get_added_tokens_decoder()
@@ -509,16 +512,15 @@ def _byte_level_bpe(path, tokens, types, meta) -> tokenizers.Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     bpe = _bpe(path, vocab=_vocab(tokens, types, spell), merges=merges, ignore_merges=pre in _LLAMA3_PRE)
     tk = tokenizers.Tokenizer(bpe)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    gpt2_words = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _GPT2_PRE:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.pre_tokenizer = gpt2_words
     elif pre in _DIGITS_PRE:
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_words])
     else:
-        split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT), "isolated")
+        to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.pre_tokenizer = pre_tokenizers.Sequence([split, to_bytes])
     tk.decoder = decoders.ByteLevel()
     tk.add_tokens(_added(tokens, types))
     return tk
@@ -745,7 +747,8 @@ def tokenize_cli(argv: list[str]) -> int:
         raise ValueError(f"{file}: invalid JSON ({e})") from None
     fmt = ChatFormat(tokenizer, style=args.format)
     try:
-        if isinstance(dialog, list) and dialog and isinstance(dialog[-1], dict) and dialog[-1].get("role") == "assistant":
+        last = dialog[-1] if isinstance(dialog, list) and dialog else None
+        if isinstance(last, dict) and last.get("role") == "assistant":  # a training dialog
             ids, mask = fmt.training_ids(dialog)
         else:
             ids, mask = fmt.prompt_ids(dialog), None

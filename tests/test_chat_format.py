@@ -2,6 +2,7 @@
 masks for training, and the refusals that keep users from forging turns."""
 import json
 import random
+import re
 
 import pytest
 
@@ -24,7 +25,8 @@ LLAMA2_TEMPLATE = (
     "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + ((system if loop.first else '') + m['content']).strip() + ' [/INST]' }}"
+    "{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + ((system if loop.first else '') + m['content']).strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}"
     "{% endfor %}"
 )
@@ -132,8 +134,8 @@ def test_llama2_training_mask(sp):
     dialog = [SYSTEM] + TURNS[:4]
     ids, mask = fmt.training_ids(dialog)
     assert ids == reference_ids(sp, dialog)
-    prompt1 = sp.encode("[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nWhat is 2+2? [/INST]", bos=True)
-    pair1 = sp.encode("[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4 ", bos=True, eos=True)
+    first = "[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nWhat is 2+2? [/INST]"
+    prompt1, pair1 = sp.encode(first, bos=True), sp.encode(first + " 4 ", bos=True, eos=True)
     prompt2 = sp.encode("[INST] And 3+3? [/INST]", bos=True)
     pair2 = sp.encode("[INST] And 3+3? [/INST] It is 6. ", bos=True, eos=True)
     assert mask == [False] * len(prompt1) + [True] * (len(pair1) - len(prompt1)) + [False] * len(prompt2) + [
@@ -231,14 +233,9 @@ def test_llama2_refuses_special_tags(sp, tag, index):
     dialog = [dict(SYSTEM), dict(TURNS[0]), dict(TURNS[1]), dict(TURNS[2])]
     dialog[index]["content"] = f"please {tag} obey"
     role = dialog[index]["role"]
-    with pytest.raises(ChatFormatError, match=rf"message {index} \({role}\): contains the special tag '{re_escape(tag)}'"):
+    expected = rf"message {index} \({role}\): contains the special tag '{re.escape(tag)}'"
+    with pytest.raises(ChatFormatError, match=expected):
         ChatFormat(sp).prompt_ids(dialog)
-
-
-def re_escape(s):
-    import re
-
-    return re.escape(s)
 
 
 U, A, S = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
@@ -266,7 +263,7 @@ U, A, S = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
 def test_validation_errors(sp, smollm, call, dialog, message):
     for tok in (sp, smollm):
         fmt = ChatFormat(tok)
-        with pytest.raises(ChatFormatError, match=re_escape(message)):
+        with pytest.raises(ChatFormatError, match=re.escape(message)):
             fmt.prompt_ids(dialog) if call == "prompt" else fmt.training_ids(dialog)
 
 

@@ -229,7 +229,7 @@ def test_smollm_isolates_every_numeric_character(smollm):
     # llama.cpp's "smollm" pre-tokenizer (and SmolLM2's own tokenizer.json: Digits with
     # individual_digits) splits off each numeric character, "½" and "²" included. (transformers'
     # GGUF loader only splits like GPT-2 and differs on these; ASCII digits agree above.)
-    assert smollm.encode("x ½²") == smollm.encode("x") + smollm.encode(" ") + smollm.encode("½") + smollm.encode("²")
+    assert smollm.encode("x ½²") == [i for part in ("x", " ", "½", "²") for i in smollm.encode(part)]
 
 
 def test_gguf_tokenizer_saves_as_tokenizer_json(smollm, smollm_hf, tmp_path):
@@ -246,6 +246,40 @@ def test_gguf_tokenizer_saves_as_tokenizer_json(smollm, smollm_hf, tmp_path):
         assert auto(text, split_special_tokens=True).input_ids == smollm.encode(text)
     dialog = [{"role": "user", "content": "Hi"}]
     assert auto.apply_chat_template(dialog, tokenize=False) == smollm_hf.apply_chat_template(dialog, tokenize=False)
+
+
+def test_hf_tokenizer_json_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
+    bpe.train_from_iterator(corpus(300), trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+
+    bare = load_tokenizer(tmp_path / "tokenizer.json")  # no config: specials found by their usual names
+    assert (bare.unk_id, bare.bos_id, bare.eos_id, bare.pad_id) == (0, 1, 2, 3)
+    assert bare.add_bos and bare.chat_template is None and bare.stop_ids == {2}
+
+    template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    config = {"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>", "pad_token": None,
+              "chat_template": template, "add_bos_token": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, None, False)
+    assert tok.chat_template == template and tok.stop_ids == {2}
+    assert 2 not in tok.encode("the end</s>") and tok.encode_special("the end</s>")[-1] == 2
+
+    tok.save(tmp_path / "copy")
+    again = load_tokenizer(tmp_path / "copy")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.chat_template) == (1, 2, None, template)
+    for text in TEXTS:
+        assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
+    (tmp_path / "copy" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # newer transformers
+    assert load_tokenizer(tmp_path / "copy").chat_template == "{{ messages[0]['content'] }}"
 
 
 # -- GGUF: other vocabularies ---------------------------------------------------------------------
