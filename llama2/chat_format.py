@@ -102,8 +102,8 @@ class ChatFormat:
             self.stop_strings: list[str] = []
         else:
             # Every special-token string would become a control token when the rendered
-            # template is tokenized, so none may appear inside a message.
-            # Llama 2's tags too, when the template writes them.
+            # template is tokenized, so none may appear inside a message; nor may Llama 2's tags
+            # when the template writes them itself.
             tags = [t for t in SPECIAL_TAGS if t in tokenizer.chat_template]
             self.forbidden = sorted(set(tokenizer.special_tokens) | set(tags), key=len, reverse=True)
             self.stop_ids = set(tokenizer.stop_ids)
