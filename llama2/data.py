@@ -13,6 +13,7 @@ Three stages, top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -407,26 +408,36 @@ def _chunks(sources: list[Source], field: str, txt_split: str) -> Iterator[tuple
             yield i, chunk
 
 
-def _encoded_chunks(chunks: Iterator[tuple[int, list[str]]], tok, tokenizer_path: str, workers: int):
-    """(source index, n_docs, (tokens, lengths)) per chunk, in order: inline for one worker, else
-    in one pool with a bounded window of chunks in flight (Pool.imap would read the whole corpus
-    ahead into memory)."""
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """A process pool for `workers` > 1, else None (encode inline). Started before any progress
+    bar thread exists, since fork copies only the calling thread."""
     if workers <= 1:
-        for i, texts in chunks:
-            yield i, len(texts), _encode_texts(tok, texts)
+        yield None
         return
     # fork is cheap and keeps the parent's imports; spawn is the portable fallback
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers) as pool:
-        pending: deque = deque()
+        yield pool
+
+
+def _encoded_chunks(chunks: Iterator[tuple[int, list[str]]], tok, tokenizer_path: str, pool, workers: int):
+    """(source index, n_docs, (tokens, lengths)) per chunk, in order: inline without a pool, else
+    with a bounded window of chunks in flight (Pool.imap would read the whole corpus ahead)."""
+    if pool is None:
         for i, texts in chunks:
-            pending.append((i, len(texts), pool.apply_async(_encode_in_worker, ((tokenizer_path, texts),))))
-            if len(pending) >= 4 * workers:
-                i, n, result = pending.popleft()
-                yield i, n, result.get()
-        while pending:
+            yield i, len(texts), _encode_texts(tok, texts)
+        return
+    pending: deque = deque()
+    window = 4 * workers  # enough to keep every worker busy while the oldest is collected
+    for i, texts in chunks:
+        pending.append((i, len(texts), pool.apply_async(_encode_in_worker, ((tokenizer_path, texts),))))
+        if len(pending) >= window:
             i, n, result = pending.popleft()
             yield i, n, result.get()
+    while pending:
+        i, n, result = pending.popleft()
+        yield i, n, result.get()
 
 
 def pretokenize(
@@ -465,19 +476,19 @@ def pretokenize(
     try:
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         stats = [{"path": str(s.path), "num_docs": 0, "num_tokens": 0} for s in sources]
-        bar = tqdm(unit=" docs", unit_scale=True, desc="pretokenize", disable=not progress, dynamic_ncols=True)
         total_tokens = 0
-        chunks = _chunks(sources, field, txt_split)
-        for i, n, (tokens, lengths) in _encoded_chunks(chunks, tok, tokenizer_path, workers):
-            if tokens.size and int(tokens.max()) >= tok.vocab_size:
-                raise ValueError(f"{sources[i].path}: token id {int(tokens.max())} >= vocab_size {tok.vocab_size}")
-            writer.add(tokens, lengths)
-            stats[i]["num_docs"] += n
-            stats[i]["num_tokens"] += int(tokens.size)
-            total_tokens += int(tokens.size)
-            bar.update(n)
-            bar.set_postfix(file=f"{i + 1}/{len(sources)}", tokens=f"{total_tokens:,}", refresh=False)
-        bar.close()
+        with _worker_pool(workers) as pool, tqdm(unit=" docs", unit_scale=True, desc="pretokenize",
+                                                 disable=not progress, dynamic_ncols=True) as bar:
+            chunks = _chunks(sources, field, txt_split)
+            for i, n, (tokens, lengths) in _encoded_chunks(chunks, tok, tokenizer_path, pool, workers):
+                if tokens.size and int(tokens.max()) >= tok.vocab_size:
+                    raise ValueError(f"{sources[i].path}: token id {int(tokens.max())} >= vocab_size {tok.vocab_size}")
+                writer.add(tokens, lengths)
+                stats[i]["num_docs"] += n
+                stats[i]["num_tokens"] += int(tokens.size)
+                total_tokens += int(tokens.size)
+                bar.update(n)
+                bar.set_postfix(file=f"{i + 1}/{len(sources)}", tokens=f"{total_tokens:,}", refresh=False)
         shards = writer.close()
         num_docs = sum(s["num_docs"] for s in stats)
         if num_docs == 0:
@@ -526,8 +537,11 @@ def write_token_dataset(out_dir, documents: Iterable[Sequence[int]], *, vocab_si
     if not docs or not any(len(d) for d in docs):
         raise DataError(f"{out_dir}: empty corpus: no tokens to write")
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    tokens = np.concatenate(docs)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise DataError(f"{out_dir}: token ids must lie in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
     writer = _ShardWriter(out_dir, token_dtype(vocab_size), shard_tokens)
-    writer.add(np.concatenate(docs), lengths)
+    writer.add(tokens, lengths)
     manifest = {
         "format": FORMAT,
         "tokenizer": {"path": None, "sha256": None, "fingerprint": None, "vocab_size": vocab_size,

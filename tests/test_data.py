@@ -259,6 +259,26 @@ def test_pretokenize_errors_leave_nothing(tmp_path, tokenizer):
     assert m["num_docs"] == 2 and TokenDataset.open(tmp_path / "out").num_docs == 2
 
 
+def test_interrupted_run_leaves_no_dataset(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"document {i}" for i in range(50)))
+    monkeypatch.setattr(data, "CHUNK_DOCS", 10)
+    seen, add = [], data._ShardWriter.add
+
+    def add_then_die(self, tokens, lengths):
+        add(self, tokens, lengths)
+        seen.append(((tmp_path / "out").exists(), len(list(tmp_path.glob(".out.partial-*")))))
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # as if killed while writing
+
+    monkeypatch.setattr(data._ShardWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize([tmp_path / "a.txt"], tokenizer, tmp_path / "out", workers=2, progress=False)
+    assert seen == [(False, 1), (False, 1)]  # while writing, only the hidden partial folder exists
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(DataError, match="not a pretokenized dataset"):
+        TokenDataset.open(tmp_path / "out")
+
+
 def test_cli(tmp_path, tokenizer, capsys):
     (tmp_path / "a.jsonl").write_text('{"text": "the llama"}\n{"text": "eats grass"}\n')
     args = ["data", "pretokenize", "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out"), "--quiet"]
