@@ -661,7 +661,7 @@ class PackedLoader:
     The epoch-e stream is every document (BOS ... EOS) concatenated in the order of a permutation
     seeded by (seed, epoch); epochs follow each other without a gap. Global row r is the window
     stream[r*T : r*T + T + 1] (T = seq_len): inputs = row[:-1], targets = row[1:], so consecutive
-    rows overlap by one token and every token is a target once per epoch, none is dropped. A global
+    rows overlap by one token and every token (but the very first) is a target once per epoch. A global
     batch is B * world_size consecutive rows; rank k takes rows k*B ... k*B + B - 1 of it.
 
     Batch: tokens, targets, positions (B, T) int64; doc_ids (B, T) int64 — the document index
@@ -687,7 +687,7 @@ class PackedLoader:
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order (D,), ends (D,)): documents of the epoch in order, and the cumulative token end
-        of each in the epoch stream. The current and next epochs are cached."""
+        of each in the epoch stream. The current and previous epochs are cached."""
         if epoch not in self._epoch_cache:
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.ds.num_docs)
