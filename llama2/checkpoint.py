@@ -61,12 +61,31 @@ def detect_format(path: str | Path) -> str:
 # ----------------------------------------------------------------------------- checking and building
 
 
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `args` must hold, with its shape (tied: no output.weight)."""
+    hd = args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, args.dim),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, args.dim),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, args.dim),
+            p + "attention.wo.weight": (args.dim, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+            p + "feed_forward.w3.weight": (args.hidden_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,),
+            p + "ffn_norm.weight": (args.dim,),
+        })
+    return shapes
+
+
 def check_state_dict(args: ModelArgs, state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse missing, unexpected and mis-shaped tensors, naming them."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
+    expected = expected_shapes(args)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -114,6 +133,15 @@ class Loaded:
     source: str  # where it came from, for messages
     format: str
     meta: dict  # extra metadata (native: everything in model.json besides "model")
+    preloaded_tokenizer: object | None = None  # GGUF: built from the already-open reader
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer, or None when it has none."""
+        if self.preloaded_tokenizer is None and self.tokenizer_path is not None:
+            from llama2.tokenizer import load_tokenizer
+
+            self.preloaded_tokenizer = load_tokenizer(self.tokenizer_path)
+        return self.preloaded_tokenizer
 
 
 def read_checkpoint(path: str | Path) -> Loaded:
@@ -126,12 +154,7 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, with_tokeniz
     """(model, tokenizer) from any supported checkpoint; the tokenizer is None when absent."""
     ck = read_checkpoint(path)
     model = build_model(ck.args, ck.state, ck.source, device, dtype)
-    tok = None
-    if with_tokenizer and ck.tokenizer_path is not None:
-        from llama2.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(ck.tokenizer_path)
-    return model, tok
+    return model, (ck.tokenizer() if with_tokenizer else None)
 
 
 # ----------------------------------------------------------------------------- native
@@ -561,7 +584,9 @@ def read_gguf(path: Path) -> Loaded:
         )
     except TypeError as e:
         raise CheckpointError(f"{path}: missing llama.* metadata ({e})") from None
-    return Loaded(args, state, path, str(path), "gguf", {})
+    from llama2.tokenizer import tokenizer_from_gguf
+
+    return Loaded(args, state, path, str(path), "gguf", {}, tokenizer_from_gguf(reader))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -581,11 +606,7 @@ def convert_cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     ck = read_checkpoint(a.source)
     check_state_dict(ck.args, ck.state, ck.source)
-    tok = None
-    if ck.tokenizer_path is not None:
-        from llama2.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(ck.tokenizer_path)
+    tok = ck.tokenizer()
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.to == "native":
         save_native(a.out, ck.state, ck.args, tok, meta={"converted_from": {"format": ck.format, "path": ck.source}},

@@ -1,0 +1,107 @@
+"""Generation speed: ours vs Hugging Face transformers' `generate`, same SmolLM2 weights, one run.
+
+fp32, greedy, `--new-tokens` (128) new tokens, EOS ignored, at batch 1 and batch 16, with
+`--threads` (2) threads. Also reports memory-bandwidth utilisation at batch 1:
+weight bytes x tokens/s / measured copy bandwidth (the ceiling of memory-bound decoding).
+Timings alternate ours/theirs over `--repeats` rounds and report medians.
+
+    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+
+def copy_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the practical memory ceiling."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * 4 / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from llama2.checkpoint import build_model, read_gguf
+    from llama2.generation import Generator, SamplingParams
+    from llama2.paths import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    ck = read_gguf(gguf)
+    ours_model = build_model(ck.args, ck.state, ck.source)
+    gen = Generator(ours_model, ck.tokenizer())
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours_model.parameters())  # tied head counted once
+    bw = copy_bandwidth()
+    print(f"SmolLM2-135M fp32 ({weight_bytes / 1e6:.0f} MB of weights), {a.threads} threads, "
+          f"{a.new_tokens} new tokens, copy bandwidth {bw / 1e9:.1f} GB/s")
+
+    results = {}
+    for B in [int(b) for b in a.batches.split(",")]:
+        prompt = [[1] + [(17 * i + 101 * b) % 40000 + 100 for i in range(a.prompt_tokens - 1)] for b in range(B)]
+        ids = torch.tensor(prompt)
+        params = SamplingParams(max_new_tokens=a.new_tokens, temperature=0, ignore_eos=True)
+
+        def run_ours():
+            t = time.perf_counter()
+            out = gen.generate(prompt, params)
+            dt = time.perf_counter() - t
+            assert all(len(c.tokens) == a.new_tokens for c in out)
+            return dt, out
+
+        def run_theirs():
+            t = time.perf_counter()
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
+                              min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=2)
+            return time.perf_counter() - t, out
+
+        gen.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0))  # warm up both
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=2)
+        ours_t, theirs_t = [], []
+        for _ in range(a.repeats):
+            dt, ours_out = run_ours()
+            ours_t.append(dt)
+            dt, theirs_out = run_theirs()
+            theirs_t.append(dt)
+        same = sum(o.tokens == t[a.prompt_tokens:].tolist() for o, t in zip(ours_out, theirs_out))
+        o_tps = B * a.new_tokens / statistics.median(ours_t)
+        t_tps = B * a.new_tokens / statistics.median(theirs_t)
+        row = {"ours_tok_s": o_tps, "transformers_tok_s": t_tps, "ratio": o_tps / t_tps,
+               "identical_greedy_rows": f"{same}/{B}"}
+        if B == 1:
+            row["bandwidth_utilisation"] = weight_bytes * o_tps / (bw / 2)  # weights are read, not copied
+        results[f"batch{B}"] = row
+        extra = f", bandwidth use {row['bandwidth_utilisation']:.0%} of read bandwidth" if B == 1 else ""
+        print(f"batch {B:>2}: ours {o_tps:7.1f} tok/s | transformers {t_tps:7.1f} tok/s | "
+              f"ratio {o_tps / t_tps:.2f}x | greedy rows identical {same}/{B}{extra}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The model against Hugging Face's LlamaForCausalLM, the KV cache and packed attention."""
+import pytest
+import torch
+
+from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
+from llama2.model import KVCache, ModelArgs, PRESETS, Transformer, meta_ffn_hidden_dim, preset
+
+CONFIGS = {
+    "mha-untied": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False),
+    "gqa-untied": dict(n_heads=4, n_kv_heads=2, tie_embeddings=False),
+    "gqa-tied": dict(n_heads=8, n_kv_heads=2, tie_embeddings=True),
+    "mqa-tied": dict(n_heads=4, n_kv_heads=1, tie_embeddings=True),
+}
+
+
+def tiny_model(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    base = dict(dim=64, n_layers=2, vocab_size=101, hidden_dim=160, max_seq_len=64, rope_theta=10000.0)
+    m = Transformer(ModelArgs(**{**base, **kw}))
+    m.init_weights(std=0.1)  # larger than default so that differences would show in the logits
+    return m.eval()
+
+
+def to_hf(model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+                      tie_word_embeddings=a.tie_embeddings, attention_bias=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    state = {}
+    for k, v in model.state_dict().items():
+        if a.tie_embeddings and k == "output.weight":
+            continue
+        if k.endswith("wq.weight"):
+            v = meta_to_hf_qk(v, a.n_heads)
+        elif k.endswith("wk.weight"):
+            v = meta_to_hf_qk(v, a.n_kv_heads)
+        state[meta_to_hf_name(k)] = v
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    model = tiny_model(**CONFIGS[name])
+    hf = to_hf(model)
+    tokens = torch.randint(0, 101, (3, 40))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_presets_match_paper_table1():
+    # SPEC §1: dim / layers / heads / kv heads / MLP hidden.
+    expect = {"7B": (4096, 32, 32, 32, 11008), "13B": (5120, 40, 40, 40, 13824),
+              "34B": (8192, 48, 64, 8, 22016), "70B": (8192, 80, 64, 8, 28672)}
+    for name, (d, L, h, kv, hid) in expect.items():
+        a = PRESETS[name]
+        assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim) == (d, L, h, kv, hid)
+        assert a.vocab_size == 32000 and a.max_seq_len == 4096 and not a.tie_embeddings
+    # Meta's sizing rule reproduces the table (70B: ffn_dim_multiplier 1.3, multiple_of 4096).
+    assert meta_ffn_hidden_dim(4096) == 11008 and meta_ffn_hidden_dim(5120) == 13824
+    assert meta_ffn_hidden_dim(8192, 4096, 1.3) == 28672
+    assert abs(PRESETS["7B"].num_params() / 1e9 - 6.74) < 0.01
+    assert 2e6 < PRESETS["tiny"].num_params() < 6e6
+
+
+def test_unknown_and_invalid_config():
+    with pytest.raises(ValueError, match="unknown model config keys: bogus"):
+        ModelArgs.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="not a multiple"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("3B")
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = tiny_model(**CONFIGS["gqa-untied"])
+    tokens = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.args, 2, 24, torch.float32, "cpu")
+        cache.key_mask[:, :10] = True
+        steps = [model(tokens[:, :10], cache=cache)]
+        for t in range(10, 24):
+            cache.key_mask[:, cache.length] = True
+            steps.append(model(tokens[:, t:t + 1], cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = tiny_model(**CONFIGS["gqa-tied"])
+    docs = [torch.randint(0, 101, (n,)) for n in (7, 12, 5)]
+    row = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(row, positions=positions, doc_ids=doc_ids)
+        alone = torch.cat([model(d[None]) for d in docs], dim=1)
+    assert (packed - alone).abs().max().item() < 1e-5
+    # and the mask matters: without doc ids the later documents see the earlier ones
+    with torch.no_grad():
+        leaky = model(row, positions=positions)
+    assert (leaky - alone).abs().max().item() > 1e-2
+
+
+def test_meta_device_build_and_assign():
+    src = tiny_model(**CONFIGS["gqa-tied"])
+    with torch.device("meta"):
+        m = Transformer(src.args)
+    assert m.tok_embeddings.weight.is_meta
+    state = dict(src.state_dict())
+    m.load_state_dict(state, assign=True)
+    m.tie_weights()
+    assert m.output.weight is m.tok_embeddings.weight
+    x = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), src(x))
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    model = tiny_model(**CONFIGS["gqa-untied"]).train()
+    x = torch.randint(0, 101, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.activation_checkpointing = True
+    ckpt = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
