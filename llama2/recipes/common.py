@@ -1,0 +1,100 @@
+"""What every recipe does the same way: parse `--config FILE key=value…`, build the model, save it.
+
+Kept deliberately small (torchtune: "code duplication is preferred over unnecessary
+abstractions"): the loops themselves live in the recipes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+import yaml
+
+from llama2.config import ConfigError, load_config, to_dict
+from llama2.distributed import Dist, apply_fsdp
+from llama2.model import ModelArgs, Transformer, preset
+
+C = TypeVar("C")
+
+
+def recipe_cli(argv: list[str], cls: type[C], main: Callable[..., int | None], prog: str, doc: str) -> int:
+    """`llama2 <stage> --config FILE [--resume] [--print-config] [key=value ...]`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                epilog="Overrides use dotted keys, e.g. optim.lr=1e-4 model.dim=256.")
+    p.add_argument("--config", help="YAML file (see configs/); defaults come from the recipe's dataclass")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    cfg = load_config(cls, a.config, a.overrides)
+    if a.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    return int(main(cfg, resume=a.resume) or 0)
+
+
+def model_args(preset_name: str, overrides: dict) -> ModelArgs:
+    try:
+        return preset(preset_name, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_fresh_model(args: ModelArgs, seed: int) -> Transformer:
+    """A freshly initialised model, identical on every rank (same seed), on CPU in fp32."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def place_model(model: Transformer, d: Dist, param_dtype: torch.dtype, activation_checkpointing: bool = False,
+                compile: bool = False) -> Transformer:
+    """Move to the rank's device; shard with FSDP2 when distributed; optional block-wise compile."""
+    model.activation_checkpointing = activation_checkpointing
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if d.enabled:
+        # FSDP2 moves each shard to the mesh's device; compute runs in param_dtype.
+        model.to(d.device)
+        apply_fsdp(model, d, param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    else:
+        model.to(d.device)
+    return model
+
+
+def kill_hook(step: int) -> None:
+    """Testing aid: LLAMA2_KILL_AT_STEP=k kills this process (SIGKILL, no cleanup) after step k,
+    so that tests can check that a killed run resumes exactly."""
+    at = os.environ.get("LLAMA2_KILL_AT_STEP")
+    if at is not None and int(at) == step:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_resume_compatible(saved: dict, current: dict, keys: list[str], where: Path) -> None:
+    """Refuse to resume with a config that changes what the checkpoint was trained as."""
+    for key in keys:
+        a, b = _get(saved, key), _get(current, key)
+        if a != b:
+            raise ConfigError(f"{where}: cannot resume: {key} was {a!r} in the checkpoint, now {b!r}")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else None
+    return tree
+
+
+def config_dict(cfg) -> dict:
+    return to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)

@@ -1,0 +1,317 @@
+"""The training engine every stage shares: optimizer, schedule, checkpoints, logging (Llama 2 §2.2).
+
+Recipes keep their loop visible and call these helpers:
+- `build_optimizer`: AdamW(β1 0.9, β2 0.95, eps 1e-5), weight decay 0.1 on matrices only.
+- `lr_at`: linear warmup, then cosine decay to 10% of the peak (or constant, as PPO uses).
+- `Checkpointer`: atomic, keep-last-N checkpoints of model + optimizer (sharded with
+  torch.distributed.checkpoint, so FSDP runs save without gathering), RNG states per rank, and a
+  JSON train state (step, data-loader position, resolved config); resuming is exact.
+- `MetricsLogger`: a progress bar (loss, lr, tokens/s, MFU), a JSONL file, TensorBoard if installed.
+- `peak_flops`: the denominator of MFU (measured fp32 matmul peak on CPU, datasheet on GPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama2.distributed import Dist, barrier
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-4  # peak learning rate (§2.2: 3e-4 for 7B/13B, 1.5e-4 for 34B/70B)
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 2000  # §2.2: 2000 warmup steps
+    warmup_ratio: float = 0.0  # warmup = max(warmup_steps, ceil(ratio * total)); reward models: 3%
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-5
+    grad_clip: float = 1.0
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with decay on matrices (dim >= 2: projections, embeddings) and none on norm gains."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = any(p.is_cuda for p in decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return max(cfg.warmup_steps, math.ceil(cfg.warmup_ratio * total_steps))
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to the peak, then cosine
+    decay reaching `min_lr_ratio * lr` at the last step; `constant` keeps the peak after warmup."""
+    warm = min(warmup_steps(cfg, total_steps), total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule != "cosine":
+        raise ValueError(f"optim.schedule: unknown schedule {cfg.schedule!r} (cosine | constant)")
+    span = max(1, total_steps - 1 - warm)
+    progress = min(1.0, (step - warm) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (DTensor-aware under FSDP2); returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast where it helps; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """`out_dir/checkpoints/step-00000100/` holding
+        model + optimizer  torch.distributed.checkpoint files (sharded by rank under FSDP)
+        rng-<rank>.pt      each rank's RNG states
+        train_state.json   step, data position, resolved config, ... (written last: marks it complete)
+    Written under a temporary name and renamed when complete; the last `keep` are kept."""
+
+    def __init__(self, out_dir: str | Path, d: Dist, keep: int = 3):
+        self.root = Path(out_dir) / "checkpoints"
+        self.d = d
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        if not self.root.is_dir():
+            return None
+        done = sorted(p for p in self.root.glob("step-*") if (p / "train_state.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".step-{step:08d}.tmp"
+        if self.d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.d)
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            payload = {"model": model_sd, "optim": optim_sd}
+        else:
+            payload = {"model": get_state_dict(model, [])[0]}
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(payload, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng-{self.d.rank}.pt")
+        barrier(self.d)
+        if self.d.is_main:
+            (tmp / "train_state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        barrier(self.d)
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / "train_state.json").is_file())
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Restore model, optimizer and this rank's RNG in place; return the train state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            payload = {"model": model_sd, "optim": optim_sd}
+        else:
+            payload = {"model": get_state_dict(model, [])[0]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(payload, checkpoint_id=str(path))
+        set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
+                       optim_state_dict=payload.get("optim", {}))
+        rng_file = path / f"rng-{self.d.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / "train_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- logging and MFU
+
+
+class MetricsLogger:
+    """Rank 0 logs: a tqdm bar, `metrics.jsonl`, and TensorBoard events when tensorboard is installed."""
+
+    def __init__(self, out_dir: str | Path, d: Dist, total: int, desc: str, initial: int = 0,
+                 filename: str = "metrics.jsonl"):
+        self.enabled = d.is_main
+        self.bar = None
+        self.tb = None
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / filename, "a")
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                        disable=os.environ.get("LLAMA2_NO_PROGRESS") == "1")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, step: int, metrics: dict, advance: int = 1, show: tuple[str, ...] = ()) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if advance:
+            self.bar.update(advance)
+        if show:
+            self.bar.set_postfix({k: _fmt(metrics[k]) for k in show if k in metrics}, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+_GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """MFU denominator: the datasheet dense peak on known GPUs, a measured fp32 matmul peak on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, val in _GPU_PEAK_BF16.items():
+            if key in name:
+                return val if dtype in (torch.bfloat16, torch.float16) else val / 2
+        return 0.0
+    return measured_matmul_peak(torch.get_num_threads())
+
+
+_PEAK_CACHE: dict[int, float] = {}
+
+
+def measured_matmul_peak(threads: int, n: int = 1536, repeats: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul with `threads` threads (best of a few), cached per process."""
+    if threads in _PEAK_CACHE:
+        return _PEAK_CACHE[threads]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    _PEAK_CACHE[threads] = 2 * n**3 / best
+    return _PEAK_CACHE[threads]
+
+
+class Throughput:
+    """Tokens/s and MFU over the last logging window."""
+
+    def __init__(self, flops_per_token: float, peak: float, world_size: int):
+        self.fpt, self.peak, self.world = flops_per_token, peak, world_size
+        self.t = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        tps = self.tokens / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, 0
+        mfu = tps * self.fpt / (self.peak * self.world) if self.peak else 0.0
+        return tps, mfu
