@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (UserError, ValueError, FloatingPointError, OSError) as e:
         if os.environ.get("LLAMA2_DEBUG"):
             raise
         print(f"llama2 {name}: error: {e}", file=sys.stderr)

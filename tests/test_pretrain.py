@@ -1,0 +1,166 @@
+"""The training engine and the pretraining recipe: schedule, optimizer groups, accumulation,
+FSDP2 under torchrun, kill-and-resume, stored reference losses, and config errors."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama2.config import ConfigError, load_config
+from llama2.recipes.pretrain import PretrainConfig, main
+from llama2.train import OptimConfig, build_optimizer, lr_at
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "tests" / "assets" / "losses" / "pretrain_tiny.json"
+
+
+def test_cosine_schedule_hand_computed():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup reaching the peak at step 3
+    # cosine over the remaining 10 steps (4..13): 0.1 + 0.45 * (1 + cos(pi * k / 9))
+    for k, s in enumerate(range(4, 14)):
+        assert lrs[s] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * k / 9)))
+    assert lrs[-1] == pytest.approx(0.1)  # 10% of the peak at the end (SPEC §4)
+    const = OptimConfig(lr=2.0, schedule="constant", warmup_steps=0)
+    assert [lr_at(s, const, 5) for s in range(5)] == [2.0] * 5
+    rm = OptimConfig(lr=1.0, warmup_steps=5, warmup_ratio=0.03)  # reward models: 3%, at least 5 steps
+    assert lr_at(0, rm, 100) == pytest.approx(1 / 5) and lr_at(0, rm, 1000) == pytest.approx(1 / 30)
+
+
+def test_optimizer_groups_and_paper_settings():
+    from llama2.model import ModelArgs, Transformer
+
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, hidden_dim=64))
+    opt = build_optimizer(m, OptimConfig())
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) == 2 * 7 + 2 and len(no_decay["params"]) == 2 * 2 + 1
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-5
+
+
+WORDS = "anna bob carl dora emil fay gus hana ivo jon oakton riverby stonehill marsh pinegate".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small deterministic corpus, its tokenizer and token shards (shared by the tests below)."""
+    from llama2.data import pretokenize
+    from llama2.tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("pretrain")
+    rng = random.Random(0)
+    with open(d / "corpus.jsonl", "w") as f:
+        for _ in range(1500):
+            n, t = rng.choice(WORDS[:10]), rng.choice(WORDS[10:])
+            f.write(json.dumps({"text": f"{n} lives in {t}. {n} has {rng.randint(1, 9)} cats. "
+                                        f"Q: where does {n} live? A: {t}."}) + "\n")
+    train_sentencepiece([d / "corpus.jsonl"], d / "tok", vocab_size=320)
+    pretokenize([d / "corpus.jsonl"], d / "tok", d / "tokens", workers=1)
+    return d
+
+
+def overrides(corpus, out, **kw):
+    base = {"preset": "tiny", "out_dir": str(out), "data.tokenizer": str(corpus / "tok"),
+            "data.dataset": str(corpus / "tokens"), "model.vocab_size": 320, "model.dim": 64, "model.n_heads": 4,
+            "model.n_kv_heads": 2, "model.hidden_dim": 128, "model.n_layers": 2, "data.seq_len": 64,
+            "batch_tokens": 512, "micro_batch_size": 8, "max_steps": 6, "optim.warmup_steps": 2, "optim.lr": 3e-3, "eval_every": 3,
+            "eval_batches": 2, "ckpt_every": 3, "log_every": 1}
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # a resumed run's rows overwrite the earlier ones
+
+
+def run_cli(args, env=None, torchrun=0):
+    env = {**os.environ, "LLAMA2_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    cmd = [sys.executable, "-m", "llama2", "pretrain", *args]
+    if torchrun:
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "-m", "llama2",
+               "pretrain", *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_loss_falls_and_matches_stored_reference(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    main(load_config(PretrainConfig, None, overrides(corpus, tmp_path / "run", max_steps=16, ckpt_every=0)))
+    got = losses(tmp_path / "run")
+    assert got[16] < got[1] - 1.0  # it learns
+    if os.environ.get("LLAMA2_UPDATE_REFERENCE"):
+        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+        REFERENCE.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
+    ref = {int(k): v for k, v in json.loads(REFERENCE.read_text()).items()}
+    # Silent numerical changes show up here; regenerate deliberately with LLAMA2_UPDATE_REFERENCE=1.
+    assert all(abs(got[s] - ref[s]) < 2e-3 for s in ref), {s: (got[s], ref[s]) for s in ref}
+    final = tmp_path / "run" / "final"
+    assert (final / "model.json").is_file() and (final / "tokenizer.model").is_file()
+
+
+def test_gradient_accumulation_equals_one_large_batch(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    main(load_config(PretrainConfig, None, overrides(corpus, tmp_path / "big", micro_batch_size=8, ckpt_every=0)))
+    main(load_config(PretrainConfig, None, overrides(corpus, tmp_path / "acc", micro_batch_size=2, ckpt_every=0)))
+    a, b = losses(tmp_path / "big"), losses(tmp_path / "acc")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "big" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "acc" / "final" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_killed_run_resumes_exactly(corpus, tmp_path):
+    full = run_cli(overrides(corpus, tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    killed = run_cli(overrides(corpus, tmp_path / "killed"), env={"LLAMA2_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL after step 5; the last checkpoint is step 3
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-00000003"]
+    resumed = run_cli(overrides(corpus, tmp_path / "killed") + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "killed") == losses(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_single_process(corpus, tmp_path):
+    one = run_cli(overrides(corpus, tmp_path / "one", micro_batch_size=8))
+    assert one.returncode == 0, one.stderr
+    two = run_cli(overrides(corpus, tmp_path / "two", micro_batch_size=4), torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    # a sharded FSDP checkpoint resumes too: kill rank processes after step 4, resume from step 3
+    killed = run_cli(overrides(corpus, tmp_path / "two-k", micro_batch_size=4), env={"LLAMA2_KILL_AT_STEP": "4"},
+                     torchrun=2)
+    assert killed.returncode != 0
+    resumed = run_cli(overrides(corpus, tmp_path / "two-k", micro_batch_size=4) + ["--resume"], torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = losses(tmp_path / "two-k")
+    assert all(abs(a[s] - c[s]) <= 1e-5 for s in a)
+
+
+def test_config_errors_are_clear(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
+        load_config(PretrainConfig, None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="micro_batch_size: expected an integer, got 'many'"):
+        load_config(PretrainConfig, None, ["micro_batch_size=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\ndata:\n  seq_len: 64\n  colour: red\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'data.colour'"):
+        load_config(PretrainConfig, bad)
+    r = run_cli(overrides(corpus, tmp_path / "x", batch_tokens=500))
+    assert r.returncode == 1 and "batch_tokens=500 is not a multiple" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_loss_stops_with_clear_message(corpus, tmp_path):
+    r = run_cli(overrides(corpus, tmp_path / "nan", **{"optim.lr": 1e6, "max_steps": 8, "optim.grad_clip": 0}))
+    assert r.returncode == 1 and "is not finite" in r.stderr and "Last good checkpoint" in r.stderr
