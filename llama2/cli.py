@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("llama2.tokenizer:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
     "convert": ("llama2.checkpoint:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
+    "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
     "data": ("llama2.data:data_cli", "data tools: pretokenize, info"),
 }
 
