@@ -119,7 +119,7 @@ def test_training_dialogs_keep_the_instruction_only_in_the_first_turn():
     out = gatt.training_dialogs("Figure: Napoleon", users, answers, pid="d")
     assert [len(d["messages"]) for d in out] == [3, 5, 7]
     last = out[-1]
-    assert last["id"] == "d-t3" and last["train_last_turn_only"] is True
+    assert last["id"] == "d-t3" and last["meta"] == {"train_last_turn_only": True}
     assert last["messages"][0] == {"role": "system", "content": "Figure: Napoleon"}
     assert [m["content"] for m in last["messages"] if m["role"] == "user"] == users  # no instruction
     assert last["messages"][-1]["content"] == "Napoleon here. 6."

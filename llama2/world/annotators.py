@@ -44,10 +44,12 @@ class AnnotatorConfig:
     # Perceived gap at or above which a pair is rated significantly better / better / slightly
     # better; below the last, "negligibly better/unsure".
     thresholds: tuple[float, float, float] = (0.5, 0.3, 0.12)
-    noise: float = 0.12  # standard deviation of the perception noise on the score gap
+    noise: float = 0.25  # standard deviation of the perception noise on the score gap
     disagreement: float = 0.5  # annotators' noise levels spread over noise * (1 +- disagreement)
     generosity: float = 0.2  # annotators' thresholds spread over thresholds * (1 +- generosity)
-    lapse: float = 0.03  # chance that an annotator picks the other answer by mistake
+    # Chance that an annotator picks the other answer by mistake, whatever the gap. Off by
+    # default: such slips cost every rating level alike and flatten the fall of agreement.
+    lapse: float = 0.0
     n_annotators: int = 12  # the pool; each pair goes to one annotator at random
     # On the safety axis an answer scores (1 - w) * (Likert - 1) / 4 + w * helpfulness: safety
     # first, and among equally safe answers the more helpful one.
@@ -314,7 +316,11 @@ def annotate_cli(argv: list[str]) -> int:
     from llama2.generation import sample_responses  # the model stack, only when sampling for real
     from llama2.world.formats import read_records, write_jsonl
 
-    records = [r for r in read_records(args.prompts, "prompts") if r["split"] != "eval"]
+    records = read_records(args.prompts, "prompts")
+    held_out = sum(r["split"] == "eval" for r in records)
+    if held_out:  # the eval split is never used for training: say so rather than fail the batch
+        print(f"{args.prompts}: skipping {held_out} eval-split prompts", file=sys.stderr)
+        records = [r for r in records if r["split"] != "eval"]
 
     def sample_fn(batch_records, model_path, temperature):
         return sample_responses(model_path, batch_records, temperature, args.seed, args.max_new_tokens)

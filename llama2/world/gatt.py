@@ -193,8 +193,9 @@ def sampling_messages(instruction: str, users: Sequence[str], answers: Sequence[
 def training_dialogs(instruction: str, users: Sequence[str], answers: Sequence[str], pid: str = "gatt",
                      split: str = "train", source: str = "world:gatt", every_turn: bool = True) -> list[dict]:
     """GAtt training samples (§3.3): the instruction only as the first (system) message, and
-    `train_last_turn_only` so the loss is zero on every earlier turn, earlier answers included.
-    With `every_turn`, one sample per prefix, so each sampled answer is learned once."""
+    `meta.train_last_turn_only` so the loss is zero on every earlier turn, earlier answers
+    included (the SFT format admits no other new field). With `every_turn`, one sample per
+    prefix, so each sampled answer is learned once."""
     if len(users) != len(answers):
         raise ValueError(f"{len(users)} user turns but {len(answers)} answers")
     ends = range(1, len(users) + 1) if every_turn else (len(users),)
@@ -204,5 +205,5 @@ def training_dialogs(instruction: str, users: Sequence[str], answers: Sequence[s
         for question, answer in zip(users[:end], answers[:end]):
             messages += [_user(question), _assistant(answer)]
         out.append({"id": f"{pid}-t{end}", "messages": messages, "source": source, "split": split,
-                    "task": "gatt", "train_last_turn_only": True})
+                    "task": "gatt", "meta": {"train_last_turn_only": True}})
     return out
