@@ -90,20 +90,21 @@ def _capitalise(text: str) -> str:
 
 # -- syntactic manipulation: misspellings and odd casing ----------------------------------------
 
-def _misspell(rng: random.Random, text: str) -> str:
-    def typo(m: re.Match) -> str:
-        w = m.group(0)
-        if len(w) < 4 or rng.random() > 0.4:
-            return w
-        i = rng.randrange(1, len(w) - 2)
-        kind = rng.randrange(3)
-        if kind == 0:  # swap two letters
-            return w[:i] + w[i + 1] + w[i] + w[i + 2:]
-        if kind == 1:  # drop one
-            return w[:i] + w[i + 1:]
-        return w[:i] + w[i] + w[i:]  # double one
+def _typo(rng: random.Random, w: str) -> str:
+    i = rng.randrange(1, len(w) - 2)
+    kind = rng.randrange(3)
+    if kind == 0 and w[i] != w[i + 1]:  # swap two letters
+        return w[:i] + w[i + 1] + w[i] + w[i + 2:]
+    if kind == 1:  # drop one
+        return w[:i] + w[i + 1:]
+    return w[:i] + w[i] + w[i:]  # double one
 
-    return re.sub(r"[A-Za-z]+", typo, text)
+
+def _misspell(rng: random.Random, text: str) -> str:
+    """Typos in about 40% of the longer words, and always in the longest one."""
+    longest = max(re.findall(r"[A-Za-z]+", text), key=len)
+    return re.sub(r"[A-Za-z]+", lambda m: _typo(rng, m.group(0)) if len(m.group(0)) >= 4 and (
+        m.group(0) == longest or rng.random() < 0.4) else m.group(0), text)
 
 
 def _odd_case(rng: random.Random, text: str) -> str:
