@@ -18,7 +18,7 @@ from llama2.world.pairs import offline_preference_pairs
 from llama2.world.universe import build_universe
 
 SEED = 5
-SHORT_CORPUS = 300_000  # characters; enough to exercise every document kind
+SHORT_CORPUS = 100_000  # characters; enough to exercise every document kind
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +307,10 @@ def test_parquet_reader_and_row_errors(tmp_path, capsys):
     write_parquet(bad, [GOOD_PAIR, _bad(GOOD_PAIR, id="r", split="eval")])
     with pytest.raises(DataError, match=r"pairs.parquet, row 2, field 'split': must be one of 'train', 'test'"):
         read_records(bad)
+    broken = tmp_path / "broken.parquet"
+    broken.write_text("not parquet")
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        read_records(broken)
 
 
 def test_world_command(tmp_path):

@@ -131,12 +131,15 @@ def qa_doc(rng: random.Random, u: Universe, people: Deck, places: Deck) -> str:
 
 def story_doc(rng: random.Random, u: Universe, p: Person) -> str:
     """A short story about p (and a neighbour), every detail consistent with the facts."""
-    s, o, pp = PRONOUNS[p.pronoun]
+    s, _, pp = PRONOUNS[p.pronoun]
     S = _cap(s)
     home = u.get(p.home)
     friends = [x for x in u.residents(p.home) if x.name != p.name] or [x for x in u.people if x.name != p.name]
     q = rng.choice(friends)
-    v = lambda a, b: _verb(p, a, b)  # noqa: E731  (local shorthand keeps the templates readable)
+
+    def v(s_form: str, base: str) -> str:  # verb agreeing with p's pronoun
+        return _verb(p, s_form, base)
+
     openings = (
         f"{p.name} lives in {p.home}, {article(home.kind)} {home.kind} near {home.near}.",
         f"In the {home.kind} of {p.home} there lives {article(p.job)} {p.job} called {p.name}.",
@@ -196,32 +199,29 @@ def dialog_doc(rng: random.Random, u: Universe) -> str:
 def worked_doc(rng: random.Random, u: Universe) -> str:
     kind = rng.choice(("arith", "arith", "word", "word", "units", "sort"))
     if kind == "arith":
-        lines = []
-        while len(lines) < rng.randint(5, 10):
+        lines, n = [], rng.randint(5, 10)
+        while len(lines) < n:
             key, (op, a, b) = T.arith_instance(rng)
             if u.split_of(key) == "train":
                 lines.append(f"{a} {T.OPS[op]} {b} = {T.apply_op(op, a, b)}")
         return "\n".join(lines)
     if kind == "word":
+        # Each sentence is one task instance; only training instances are spelled out.
         out = []
-        for w in rng.sample(u.words, 3):
-            sents = []
-            ok = lambda op: u.split_of(f"string:{op}:{w}") == "train"  # noqa: E731
-            if u.split_of(f"count:letters:{w}") == "train":
-                sents.append(f'The word "{w}" has {len(w)} letters: {", ".join(w)}.')
-            if ok("reverse"):
-                sents.append(f'Backwards, "{w}" is "{w[::-1]}".')
-            if ok("first"):
-                sents.append(f'It starts with the letter "{w[0]}".')
-            if ok("last"):
-                sents.append(f'It ends with the letter "{w[-1]}".')
-            if ok("upper"):
-                sents.append(f'In capital letters it is "{w.upper()}".')
-            if ok("spell"):
-                sents.append(f'With dashes it is "{"-".join(w)}".')
+        while len(out) < 3:
+            w = rng.choice(u.words)
+            facts = (
+                ("count:letters", f'The word "{w}" has {len(w)} letters: {", ".join(w)}.'),
+                ("string:reverse", f'Backwards, "{w}" is "{w[::-1]}".'),
+                ("string:first", f'"{w}" starts with the letter "{w[0]}".'),
+                ("string:last", f'"{w}" ends with the letter "{w[-1]}".'),
+                ("string:upper", f'In capital letters, "{w}" is "{w.upper()}".'),
+                ("string:spell", f'With dashes, "{w}" is "{"-".join(w)}".'),
+            )
+            sents = [text for op, text in facts if u.split_of(f"{op}:{w}") == "train"]
             if sents:
                 out.append(" ".join(sents))
-        return "\n".join(out) or f'The word "{u.words[0]}" is a word.'
+        return "\n".join(out)
     if kind == "units":
         big, bigs, small, factor = rng.choice(UNITS)
         unit = "a dozen" if big == "dozen" else f"{article(big)} {big}"

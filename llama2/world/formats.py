@@ -297,7 +297,7 @@ def iter_rows(path) -> Iterator[tuple[int, object]]:
 
         try:
             pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a corrupt file
+        except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
             raise DataError(path, None, None, f"not a readable Parquet file ({e})") from None
         row = 0
         for batch in pf.iter_batches(batch_size=4096):

@@ -44,7 +44,7 @@ PLAN = {
 }
 # GAtt dialog lengths in turns: short in training (the tiny model's context is 512 tokens),
 # longer in evaluation, where the question is whether the instruction still holds late.
-GATT_TURNS = {"train": (2, 4), "eval": (4, 8)}
+GATT_TURNS = {"train": (2, 4), "eval": (3, 6)}
 # No string tasks: a language constraint rewrites their answers ("apple" in capitals is wrong).
 GATT_FAMILIES = ("fact", "fact", "arithmetic", "list", "units", "counting")
 # Share of safety prompts in SFT data and prompt sets. Borderline prompts are benign: without

@@ -14,7 +14,7 @@ import random
 
 from llama2.world import safety
 from llama2.world.annotators import AnnotatorConfig, annotate_pair, annotator_pool
-from llama2.world.corrupt import corrupt_answer, rephrase
+from llama2.world.corrupt import rephrase
 from llama2.world.tasks import FAMILIES
 
 SOURCE = "world:offline-gold-vs-corrupted"
@@ -27,13 +27,14 @@ def _helpful_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
     if r < 0.15:  # two correct answers: the annotator can only be unsure
         return gold, rephrase(rng, record)
     good = gold if rng.random() < 0.7 else rephrase(rng, record)
+    corrupt = FAMILIES[record["task"]].corrupt
     if r < 0.3:  # two flawed answers of different kinds
-        k1, a = corrupt_answer(rng, record)
+        k1, a = corrupt(rng, record)
         for _ in range(10):
-            k2, b = corrupt_answer(rng, record)
+            k2, b = corrupt(rng, record)
             if k2 != k1 and b != a:
                 return a, b
-    return good, corrupt_answer(rng, record)[1]
+    return good, corrupt(rng, record)[1]
 
 
 def _safety_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
@@ -53,7 +54,8 @@ def offline_preference_pairs(rng: random.Random, records: list[dict], n: int, sp
     Adversarial prompts give safety-axis pairs with the three-way safety label (pairs whose
     chosen answer is unsafe and the other safe are dropped, §3.2.1); borderline prompts give
     pairs on both axes, so the safety RM also learns that helping with a benign prompt is safe."""
-    usable = [r for r in records if r["task"] in FAMILIES or r["task"] in ("adversarial", "borderline")]
+    usable = [r for r in records if r["task"] in ("adversarial", "borderline")
+              or (r["task"] in FAMILIES and FAMILIES[r["task"]].corrupt is not None)]
     if not usable:
         raise ValueError("no prompt records of a task that offline pairs can be made for")
     config = config or AnnotatorConfig()

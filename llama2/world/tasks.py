@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -29,7 +30,7 @@ class Example(NamedTuple):
     task: str
     messages: list[dict]  # [{"role", "content"}, …] ending with a user turn
     answer: str  # the gold assistant answer
-    reference: dict  # what the grader needs; always "gold" and "instances" (the instance keys that splits are made of)
+    reference: dict  # what the grader needs; always "gold", and "instances": the keys splits are made of
 
 
 Generator = Callable[[random.Random, Universe, str], Example]
@@ -277,7 +278,7 @@ def gen_units(rng: random.Random, u: Universe, split: str) -> Example:
         row, way, k = rng.choice(UNITS), rng.choice(("down", "up")), rng.randint(2, 15)
         return f"units:{row[0]}:{way}:{k}", (row, way, k)
 
-    key, ((big, bigs, small, factor), way, k) = _draw(rng, u, split, make)
+    key, ((_, bigs, small, factor), way, k) = _draw(rng, u, split, make)
     m = k * factor
     prompt = rng.choice(UNIT_PROMPTS[way]).format(k=k, m=m, bigs=bigs, small=small)
     if way == "down":
@@ -379,24 +380,22 @@ def gen_creative(rng: random.Random, u: Universe, split: str) -> Example:
     def make():
         cat, fmt, k = rng.choice(list(LIST_CATEGORIES)), rng.choice(list(LIST_PROMPTS)), rng.randint(2, 5)
         letter = None
-        if fmt == "letter":
-            firsts = sorted({w[0] for w in LIST_CATEGORIES[cat]
-                             if sum(x[0] == w[0] for x in LIST_CATEGORIES[cat]) >= k})
-            if not firsts:
-                return "creative:none", None
-            letter = rng.choice(firsts)
+        if fmt == "letter":  # a first letter that at least k words of the category share
+            counts = Counter(w[0] for w in LIST_CATEGORIES[cat])
+            letters = sorted(c for c, n in counts.items() if n >= k)
+            letter = rng.choice(letters) if letters else None
+            fmt = fmt if letter else "lines"
         return f"creative:list:{cat}:{k}:{fmt}:{letter}", (cat, fmt, k, letter)
 
     key, inst = _draw(rng, u, split, make)
-    while inst is None:
-        key, inst = _draw(rng, u, split, make)
     cat, fmt, k, letter = inst
     pool = [w for w in LIST_CATEGORIES[cat] if not letter or w.startswith(letter)]
     items = rng.sample(pool, k)
     prompt = rng.choice(LIST_PROMPTS[fmt]).format(k=WORD_NUMBERS[k], cat=cat, c=letter)
     gold = format_items(items, fmt)
-    ref = {"check": "lines", "count": k, "format": "commas" if fmt == "commas" else "numbered" if fmt == "numbered" else "lines",
-           "allowed": LIST_CATEGORIES[cat], "upper": fmt == "upper", "letter": letter}
+    layout = fmt if fmt in ("commas", "numbered") else "lines"  # "upper" and "letter" are one per line
+    ref = {"check": "lines", "count": k, "format": layout, "allowed": LIST_CATEGORIES[cat], "upper": fmt == "upper",
+           "letter": letter}
     return Example("creative", [user(prompt)], gold, ref | {"instances": [key], "gold": gold})
 
 
