@@ -111,7 +111,9 @@ class DataError(ValueError):
         super().__init__(f"{', '.join(where)}: {message}")
 
 
-class _FieldError(Exception):
+class FieldError(ValueError):
+    """One record's problem: the field (dotted path) and what is wrong, without file or line."""
+
     def __init__(self, field: str | None, message: str):
         super().__init__(message)
         self.field, self.message = field, message
@@ -130,16 +132,16 @@ def _need_str(obj: dict, key: str, where: str | None = None, empty_ok: bool = Fa
     v = obj.get(key)
     field = where or key
     if not isinstance(v, str):
-        raise _FieldError(field, f"must be a string, got {_type(v)}")
+        raise FieldError(field, f"must be a string, got {_type(v)}")
     if not empty_ok and not v.strip():
-        raise _FieldError(field, "must not be empty")
+        raise FieldError(field, "must not be empty")
     return v
 
 
 def _no_tags(text: str, field: str) -> None:
     for tag in SPECIAL_TAGS:
         if tag in text:
-            raise _FieldError(field, f"contains the chat-format tag {tag!r}, which would let text forge a turn")
+            raise FieldError(field, f"contains the chat-format tag {tag!r}, which would let text forge a turn")
 
 
 def _need_choice(obj: dict, key: str, options, nullable: bool = False):
@@ -148,39 +150,39 @@ def _need_choice(obj: dict, key: str, options, nullable: bool = False):
         return None
     if v not in options:
         return_null = " or null" if nullable else ""
-        raise _FieldError(key, f"must be one of {_choices(options)}{return_null}, got {v!r}")
+        raise FieldError(key, f"must be one of {_choices(options)}{return_null}, got {v!r}")
     return v
 
 
 def _check_messages(obj: dict, last_role: str) -> None:
     msgs = obj.get("messages")
     if not isinstance(msgs, list):
-        raise _FieldError("messages", f"must be a list of messages, got {_type(msgs)}")
+        raise FieldError("messages", f"must be a list of messages, got {_type(msgs)}")
     if not msgs:
-        raise _FieldError("messages", "must not be empty")
+        raise FieldError("messages", "must not be empty")
     expect = "user"
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise _FieldError(where, f"must be an object with 'role' and 'content', got {_type(m)}")
+            raise FieldError(where, f"must be an object with 'role' and 'content', got {_type(m)}")
         extra = sorted(set(m) - {"role", "content"})
         if extra:
-            raise _FieldError(f"{where}.{extra[0]}", "unknown field (a message has only 'role' and 'content')")
+            raise FieldError(f"{where}.{extra[0]}", "unknown field (a message has only 'role' and 'content')")
         role = m.get("role")
         if role not in ROLES:
-            raise _FieldError(f"{where}.role", f"must be one of {_choices(ROLES)}, got {role!r}")
+            raise FieldError(f"{where}.role", f"must be one of {_choices(ROLES)}, got {role!r}")
         content = _need_str(m, "content", f"{where}.content")
         _no_tags(content, f"{where}.content")
         if role == "system":
             if i != 0:
-                raise _FieldError(f"{where}.role", "a system message may only come first")
+                raise FieldError(f"{where}.role", "a system message may only come first")
             continue
         if role != expect:
-            raise _FieldError(f"{where}.role", f"expected {expect!r} (user and assistant turns alternate), got {role!r}")
+            raise FieldError(f"{where}.role", f"expected {expect!r} (user and assistant turns alternate), got {role!r}")
         expect = "assistant" if role == "user" else "user"
     if msgs[-1]["role"] != last_role:
         what = "the answer to learn" if last_role == "assistant" else "the turn to answer"
-        raise _FieldError(f"messages[{len(msgs) - 1}].role", f"the last message must be {last_role!r} ({what}), "
+        raise FieldError(f"messages[{len(msgs) - 1}].role", f"the last message must be {last_role!r} ({what}), "
                                                               f"got {msgs[-1]['role']!r}")
 
 
@@ -189,9 +191,9 @@ def _check_int(obj: dict, key: str, nullable: bool) -> None:
     if v is None and nullable:
         return
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _FieldError(key, f"must be an integer{' or null' if nullable else ''}, got {_type(v)}")
+        raise FieldError(key, f"must be an integer{' or null' if nullable else ''}, got {_type(v)}")
     if v < 0:
-        raise _FieldError(key, f"must be >= 0, got {v}")
+        raise FieldError(key, f"must be >= 0, got {v}")
 
 
 def _check_optional_task(obj: dict) -> None:
@@ -200,18 +202,18 @@ def _check_optional_task(obj: dict) -> None:
 
 
 def check_record(obj, kind: str) -> None:
-    """Raise `_FieldError` for the first problem of `obj` as a record of `kind`."""
+    """Raise `FieldError` for the first problem of `obj` as a record of `kind`."""
     if not isinstance(obj, dict):
-        raise _FieldError(None, f"must be a JSON object, got {_type(obj)}")
+        raise FieldError(None, f"must be a JSON object, got {_type(obj)}")
     required, optional = FIELDS[kind]
     missing = sorted(required - set(obj))
     if missing:
-        raise _FieldError(missing[0], "missing")
+        raise FieldError(missing[0], "missing")
     unknown = sorted(set(obj) - required - optional)
     if unknown and kind != "pretrain":  # plain text may carry any metadata columns
-        raise _FieldError(unknown[0], f"unknown field for a {kind} record (known: {', '.join(sorted(required | optional))})")
+        raise FieldError(unknown[0], f"unknown field for a {kind} record (known: {', '.join(sorted(required | optional))})")
     if "meta" in obj and obj["meta"] is not None and not isinstance(obj["meta"], dict):
-        raise _FieldError("meta", f"must be an object, got {_type(obj['meta'])}")
+        raise FieldError("meta", f"must be an object, got {_type(obj['meta'])}")
     if kind == "pretrain":
         _need_str(obj, "text")
         if obj.get("source") is not None:
@@ -229,33 +231,33 @@ def check_record(obj, kind: str) -> None:
         _need_choice(obj, "split", SPLITS)
         _check_int(obj, "batch", nullable=True)
         if not isinstance(obj["is_safety"], bool):
-            raise _FieldError("is_safety", f"must be true or false, got {_type(obj['is_safety'])}")
+            raise FieldError("is_safety", f"must be true or false, got {_type(obj['is_safety'])}")
         cat = _need_choice(obj, "risk_category", RISK_CATEGORIES, nullable=True)
         if obj["is_safety"] and cat is None:
-            raise _FieldError("risk_category", "a safety prompt (is_safety true) needs its risk category")
+            raise FieldError("risk_category", "a safety prompt (is_safety true) needs its risk category")
         if not obj["is_safety"] and cat is not None:
-            raise _FieldError("risk_category", "must be null when is_safety is false")
+            raise FieldError("risk_category", "must be null when is_safety is false")
         if obj["attack_vector"] is not None:
             _need_str(obj, "attack_vector")
             if not obj["is_safety"]:
-                raise _FieldError("attack_vector", "must be null when is_safety is false")
+                raise FieldError("attack_vector", "must be null when is_safety is false")
         _need_str(obj, "task")
         if not isinstance(obj["reference"], dict):
-            raise _FieldError("reference", f"must be an object, got {_type(obj['reference'])}")
+            raise FieldError("reference", f"must be an object, got {_type(obj['reference'])}")
         return
     # preferences
     chosen, rejected = _need_str(obj, "chosen"), _need_str(obj, "rejected")
     _no_tags(chosen, "chosen")
     _no_tags(rejected, "rejected")
     if chosen.strip() == rejected.strip():
-        raise _FieldError("rejected", "is the same text as 'chosen' (a pair must differ)")
+        raise FieldError("rejected", "is the same text as 'chosen' (a pair must differ)")
     _need_choice(obj, "rating", RATINGS)
     axis = _need_choice(obj, "axis", AXES)
     label = _need_choice(obj, "safety_label", SAFETY_LABELS, nullable=True)
     if axis == "safety" and label is None:
-        raise _FieldError("safety_label", f"a safety pair needs one of {_choices(SAFETY_LABELS)}")
+        raise FieldError("safety_label", f"a safety pair needs one of {_choices(SAFETY_LABELS)}")
     if axis == "helpfulness" and label is not None:
-        raise _FieldError("safety_label", "must be null for a helpfulness pair")
+        raise FieldError("safety_label", "must be null for a helpfulness pair")
     _need_str(obj, "source")
     _check_int(obj, "batch", nullable=False)
     _need_choice(obj, "split", PREFERENCE_SPLITS)
@@ -348,9 +350,9 @@ def validate_file(path, kind: str | None = None, max_errors: int = 20) -> tuple[
                 rid = obj.get("id")
                 if rid is not None:
                     if rid in seen_ids:
-                        raise _FieldError("id", f"duplicate id {rid!r} (first at {'row' if parquet else 'line'} {seen_ids[rid]})")
+                        raise FieldError("id", f"duplicate id {rid!r} (first at {'row' if parquet else 'line'} {seen_ids[rid]})")
                     seen_ids[rid] = line
-            except _FieldError as e:
+            except FieldError as e:
                 errors.append(DataError(path, line, e.field, e.message, parquet))
                 if len(errors) >= max_errors:
                     break
