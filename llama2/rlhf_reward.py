@@ -1,0 +1,42 @@
+"""The reward RLHF optimises (Llama 2 §3.2.3): two reward models combined by a safety gate.
+
+    Rc(g | p) = Rs(g | p)  if IS_SAFETY(p) or Rs(g | p) < 0.15,  else Rh(g | p)
+
+Rs and Rh are the safety and helpfulness reward models' scores as probabilities (sigmoid of the
+scalar head). The threshold 0.15 gave precision 0.89 and recall 0.55 on the paper's safety test
+set. Rejection sampling ranks samples by Rc; PPO then optimises whiten(logit(Rc)) − β·KL.
+
+A scorer is anything with `prob(dialogs, responses) -> Tensor` (llama2.reward.RewardScorer, or
+a grader-backed scorer for experiments). With only one reward model, it is used for both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama2.losses import gated_reward
+
+
+@dataclass
+class RewardScores:
+    helpfulness: torch.Tensor  # Rh as probabilities, (N,)
+    safety: torch.Tensor  # Rs as probabilities, (N,)
+    gated: torch.Tensor  # Rc, (N,)
+    used_safety: torch.Tensor  # bool (N,): where Rc took the safety score
+
+
+class GatedReward:
+    def __init__(self, helpfulness, safety=None, threshold: float = 0.15):
+        self.helpfulness = helpfulness
+        self.safety = safety if safety is not None else helpfulness
+        self.threshold = threshold
+
+    def __call__(self, records: list[dict], responses: list[str]) -> RewardScores:
+        """Score responses to prompt records (`messages` ending with a user turn, `is_safety` flag)."""
+        dialogs = [r["messages"] for r in records]
+        rh = self.helpfulness.prob(dialogs, responses).float()
+        rs = rh if self.safety is self.helpfulness else self.safety.prob(dialogs, responses).float()
+        is_safety = torch.tensor([bool(r.get("is_safety", False)) for r in records])
+        used = is_safety | (rs < self.threshold)
+        return RewardScores(rh, rs, gated_reward(rs, rh, is_safety, self.threshold), used)
