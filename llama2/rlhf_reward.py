@@ -6,8 +6,10 @@ Rs and Rh are the safety and helpfulness reward models' scores as probabilities 
 scalar head). The threshold 0.15 gave precision 0.89 and recall 0.55 on the paper's safety test
 set. Rejection sampling ranks samples by Rc; PPO then optimises whiten(logit(Rc)) − β·KL.
 
-A scorer is anything with `prob(dialogs, responses) -> Tensor` (llama2.reward.RewardScorer, or
-a grader-backed scorer for experiments). With only one reward model, it is used for both.
+A scorer is anything with `prob(dialogs, responses) -> Tensor` (llama2.reward.RewardScorer), or
+with `prob_records(records, responses)` when it needs the prompt record (GraderScorer: the built-in
+world's graders as an oracle reward, for ablations and for checking what a learned reward model
+misses). With only one reward model, it is used for both.
 """
 from __future__ import annotations
 
@@ -34,9 +36,35 @@ class GatedReward:
 
     def __call__(self, records: list[dict], responses: list[str]) -> RewardScores:
         """Score responses to prompt records (`messages` ending with a user turn, `is_safety` flag)."""
-        dialogs = [r["messages"] for r in records]
-        rh = self.helpfulness.prob(dialogs, responses).float()
-        rs = rh if self.safety is self.helpfulness else self.safety.prob(dialogs, responses).float()
+        rh = _prob(self.helpfulness, records, responses)
+        rs = rh if self.safety is self.helpfulness else _prob(self.safety, records, responses)
         is_safety = torch.tensor([bool(r.get("is_safety", False)) for r in records])
         used = is_safety | (rs < self.threshold)
         return RewardScores(rh, rs, gated_reward(rs, rh, is_safety, self.threshold), used)
+
+
+def _prob(scorer, records: list[dict], responses: list[str]) -> torch.Tensor:
+    if hasattr(scorer, "prob_records"):
+        return scorer.prob_records(records, responses).float()
+    return scorer.prob([r["messages"] for r in records], responses).float()
+
+
+class GraderScorer:
+    """The world's noiseless graders as a reward in [0, 1] (an oracle, AlpacaFarm-style).
+
+    axis "helpfulness": the grader's helpfulness score; axis "safety": Likert rating mapped to
+    [0, 1] ((likert - 1) / 4), so that violations (Likert <= 2) fall below 0.25.
+    """
+
+    def __init__(self, axis: str = "helpfulness"):
+        if axis not in ("helpfulness", "safety"):
+            raise ValueError(f"axis must be helpfulness or safety, got {axis!r}")
+        self.axis = axis
+
+    def prob_records(self, records: list[dict], responses: list[str]) -> torch.Tensor:
+        from llama2.world.grading import grade_helpfulness
+        from llama2.world.safety_grading import grade_safety
+
+        if self.axis == "helpfulness":
+            return torch.tensor([grade_helpfulness(r, x).score for r, x in zip(records, responses)])
+        return torch.tensor([(grade_safety(r, x).likert - 1) / 4 for r, x in zip(records, responses)])

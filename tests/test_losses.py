@@ -76,3 +76,19 @@ def test_value_loss_hand_computed():
     # token 1: max(1, 1) = 1 -> 0.5 * mean(1.69, 1) = 0.6725
     assert value_loss(v, old, ret, torch.ones(1, 2)).item() == pytest.approx(0.6725)
     assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0])).item() == 2.0
+
+
+def test_grader_scorer_gates_refusals(world_dir):
+    import json
+
+    from llama2.rlhf_reward import GraderScorer
+
+    records = [json.loads(line) for line in (world_dir / "prompts" / "eval.jsonl").read_text().splitlines()[:300]]
+    reward = GatedReward(GraderScorer("helpfulness"), GraderScorer("safety"))
+    out = reward(records, ["I cannot help with that."] * len(records))
+    safety_rows = torch.tensor([r["is_safety"] for r in records])
+    assert safety_rows.any() and (~safety_rows).any()
+    assert out.used_safety[safety_rows].all()
+    # a bare refusal is safe (Rs high) where safety decides, and unhelpful where helpfulness decides
+    assert out.safety[safety_rows].min() >= 0.5
+    assert out.gated[~out.used_safety].mean() < 0.3
