@@ -221,10 +221,13 @@ def prepare_batches(policy, reference, value_model, scored: dict, whitened: torc
     return batches, {"kl": kl_sum / n_seq, "entropy": ent_sum / max(n_tok, 1)}
 
 
+EVAL_STREAM = 2**31  # the "iteration" whose seeds evaluation samples with: no training iteration uses it
+
+
 @torch.no_grad()
 def evaluate(policy, tokenizer, fmt, reward, records, prompts, d, dtype, cfg: PPOConfig) -> float:
     """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable)."""
-    rollouts = generate(policy, tokenizer, fmt, prompts, d, dtype, cfg, iteration=-1, seed=cfg.seed)
+    rollouts = generate(policy, tokenizer, fmt, prompts, d, dtype, cfg, EVAL_STREAM, cfg.seed)
     scored = score(reward, records, rollouts, d)
     return sum(v[3] for v in scored.values()) / len(scored)
 
