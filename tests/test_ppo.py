@@ -62,8 +62,8 @@ def prompts_file(world_dir, tmp_path_factory):
 
 
 def overrides(policy_path, prompts_file, out, **kw):
-    base = {"out_dir": str(out), "policy": str(policy_path), "train_prompts": f"[{prompts_file}]",
-            "helpfulness_reward": "test_ppo:VowelShare", "safety_reward": "test_ppo:VowelShare",
+    base = {"out_dir": str(out), "policy": str(policy_path), "prompts": f"[{prompts_file}]",
+            "helpfulness_rm": "test_ppo:VowelShare", "safety_rm": "test_ppo:VowelShare",
             "batch_size": 32, "mini_batch_size": 8, "micro_batch_size": 8, "generation_batch_size": 16,
             "max_prompt_tokens": 160, "max_new_tokens": 24, "iterations": 8, "eval_every": 0,
             "optim.lr": 5e-3, "value_optim.lr": 3e-3, "kl_coef": 0.05, "ckpt_every": 2, "device": "cpu"}

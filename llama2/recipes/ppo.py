@@ -52,12 +52,12 @@ def ppo_optim() -> OptimConfig:
 class PPOConfig:
     out_dir: str = "runs/ppo"
     policy: str = ""  # the model to improve: the latest rejection-sampling checkpoint (§3.2.3); also π_0
-    helpfulness_reward: str = "grader"  # Rh: a reward model checkpoint | grader | module:attr
-    safety_reward: str = "grader"  # Rs: likewise
+    helpfulness_rm: str = "grader"  # Rh: a reward model checkpoint | grader | module:attr
+    safety_rm: str = "grader"  # Rs: likewise
     safety_threshold: float = 0.15  # Rc = Rs when Rs < 0.15 (precision 0.89, recall 0.55 in the paper)
     value_model: str = ""  # scalar-head checkpoint; "" = the helpfulness reward model (or, with a
     #                        non-checkpoint reward, the policy's weights under a new zero head)
-    train_prompts: list[str] = field(default_factory=list)  # prompt files (JSONL/Parquet `prompts` records)
+    prompts: list[str] = field(default_factory=list)  # prompt files (JSONL/Parquet `prompts` records)
     eval_prompts: list[str] = field(default_factory=list)  # held-out prompts for early stopping
     eval_size: int = 256  # held-out prompts scored per evaluation
     chat_format: str = "auto"  # auto | llama2 | template (as in SFT)
@@ -125,8 +125,8 @@ def build_scorer(spec: str, axis: str, d: Dist, dtype: torch.dtype, batch_size: 
 def value_init(cfg: PPOConfig) -> tuple[ModelArgs, dict, str]:
     """(args, weights, source) of the value model: a reward model's, or the policy's under a zero head."""
     path = cfg.value_model
-    if not path and cfg.helpfulness_reward != "grader" and Path(cfg.helpfulness_reward).exists():
-        path = cfg.helpfulness_reward
+    if not path and cfg.helpfulness_rm != "grader" and Path(cfg.helpfulness_rm).exists():
+        path = cfg.helpfulness_rm
     ck = read_checkpoint(path or cfg.policy)
     if ck.args.head == "scalar":
         return ck.args, ck.state, ck.source
@@ -246,8 +246,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
 
     if not cfg.policy:
         raise ConfigError("policy: the checkpoint to improve is required (the rejection-sampling model)")
-    if not cfg.train_prompts:
-        raise ConfigError("train_prompts: at least one prompt file is required")
+    if not cfg.prompts:
+        raise ConfigError("prompts: at least one prompt file is required")
     d = setup(cfg.device)
     if cfg.mini_batch_size % d.world_size or cfg.batch_size % cfg.mini_batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of mini_batch_size={cfg.mini_batch_size}, "
@@ -276,12 +276,12 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     v_args, v_state, v_source = value_init(cfg)
     value_model = place_model(build_model(v_args, v_state, v_source).train(), d, dtype, cfg.activation_checkpointing)
     del v_state
-    reward = GatedReward(build_scorer(cfg.helpfulness_reward, "helpfulness", d, dtype, cfg.reward_batch_size),
-                         build_scorer(cfg.safety_reward, "safety", d, dtype, cfg.reward_batch_size),
+    reward = GatedReward(build_scorer(cfg.helpfulness_rm, "helpfulness", d, dtype, cfg.reward_batch_size),
+                         build_scorer(cfg.safety_rm, "safety", d, dtype, cfg.reward_batch_size),
                          cfg.safety_threshold)
 
     # ---- prompts
-    records, prompts, skipped = load_prompts(cfg.train_prompts, fmt, cfg.max_prompt_tokens, "train_prompts")
+    records, prompts, skipped = load_prompts(cfg.prompts, fmt, cfg.max_prompt_tokens, "prompts")
     if cfg.batch_size > len(prompts):
         raise ConfigError(f"batch_size={cfg.batch_size} but only {len(prompts)} training prompts")
     eval_records, eval_prompts = [], []
@@ -302,7 +302,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         if path is None:
             raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
         saved = ckpt.load(path, trained, [opt_policy, opt_value])
-        check_resume_compatible(saved["config"], config_dict(cfg), ["policy", "train_prompts", "batch_size",
+        check_resume_compatible(saved["config"], config_dict(cfg), ["policy", "prompts", "batch_size",
                                                                    "mini_batch_size", "seed", "kl_coef"], path)
         start, best, bad_evals = saved["step"], saved["best_eval"], saved["bad_evals"]
     if d.is_main:
