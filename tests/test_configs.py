@@ -9,10 +9,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def recipe_configs():
+    from llama2.recipes.ppo import PPOConfig
     from llama2.recipes.pretrain import PretrainConfig
     from llama2.recipes.sft import SFTConfig
 
-    table = {"pretrain": PretrainConfig, "sft": SFTConfig}
+    table = {"pretrain": PretrainConfig, "sft": SFTConfig, "rlhf/ppo": PPOConfig}
     try:
         from llama2.recipes.reward_model import RewardConfig
 
@@ -22,14 +23,19 @@ def recipe_configs():
     return table
 
 
+def config_key(rel: Path) -> str:
+    # configs/rlhf/ holds several recipes; the file name says which (rejection_sampling_tiny.yaml)
+    return f"rlhf/{rel.stem.rsplit('_', 1)[0]}" if rel.parts[0] == "rlhf" else rel.parts[0]
+
+
 FILES = sorted(CONFIGS.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CONFIGS)) for p in FILES])
 def test_config_loads(path):
     table = recipe_configs()
-    stage = path.relative_to(CONFIGS).parts[0]
-    assert stage in table, f"no recipe config class registered for configs/{stage}/"
+    stage = config_key(path.relative_to(CONFIGS))
+    assert stage in table, f"no recipe config class registered for configs/{stage}*"
     cfg = load_config(table[stage], path)
     assert cfg is not None
 

@@ -238,3 +238,16 @@ def test_early_stopping_exports_the_best_policy(policy_path, prompts_file, world
     assert [r["step"] for r in rows] == [0, 1] and evals[0] == evals[1] and math.isfinite(evals[0])
     assert json.loads((out / "final" / "model.json").read_text())["iteration"] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_paper_settings_in_presets():
+    configs = REPO / "configs" / "rlhf"
+    for size, beta in [("7B", 0.01), ("13B", 0.01), ("34B", 0.005), ("70B", 0.005)]:
+        cfg = load_config(PPOConfig, configs / f"ppo_{size}.yaml")
+        assert (cfg.batch_size, cfg.mini_batch_size, cfg.clip, cfg.kl_coef) == (512, 64, 0.2, beta)
+        o = cfg.optim
+        assert (o.lr, o.schedule, o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == \
+            (1e-6, "constant", 0.9, 0.95, 1e-5, 0.1, 1.0)
+        assert 200 <= cfg.iterations <= 400
+    default = PPOConfig()  # the dataclass holds the paper's 7B values
+    assert (default.batch_size, default.mini_batch_size, default.kl_coef, default.optim.lr) == (512, 64, 0.01, 1e-6)
