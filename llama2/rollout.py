@@ -6,8 +6,9 @@ What the PPO recipe needs besides the losses of llama2/losses.py, each piece tes
   single uninterrupted process samples;
 - `consolidated_policy`: the full policy weights gathered once per iteration for generation under
   FSDP (the paper's fix for its ~20x slower generation with sharded weights);
-- the layout of a batch of rollouts: prompt + response right-padded in one row, and every
-  per-token quantity on the L - 1 "action" positions where column t predicts token t + 1;
+- the layout of a batch of rollouts: prompt + response right-padded in one row, the response
+  mask on the L - 1 "action" positions where column t predicts token t + 1, and the policy's
+  logits computed at those positions only;
 - `shaped_rewards`: −β·KL on every response token plus the whitened score on the last one;
 - `PPOBatch`: one micro-batch ready for the clipped policy and value losses.
 """
@@ -34,8 +35,9 @@ class Rollout(NamedTuple):
 
 
 class PPOBatch(NamedTuple):
-    """A micro-batch of rollouts for the PPO update. tokens (B, L); everything else (B, L - 1) on
-    the action positions: column t holds the quantity of token t + 1 (the one predicted there)."""
+    """A micro-batch of rollouts for the PPO update: tokens (B, L) and mask (B, L - 1) on the action
+    positions (column t predicts token t + 1); the rest (N,) over the N response tokens, in the
+    row-major order of mask.bool()."""
 
     tokens: torch.Tensor  # prompt + response, right-padded
     mask: torch.Tensor  # 1.0 where tokens[:, t + 1] is a response token (not prompt, not padding)
@@ -136,22 +138,42 @@ def pad_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> tuple[torch.Tensor
     return tokens, mask
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(tokens[:, t + 1] | tokens[:, :t + 1]) for every column t: (B, L, V), (B, L) -> (B, L - 1).
+def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                    sharded: bool = False) -> torch.Tensor:
+    """Next-token logits (N, V) at the N response positions of `mask`, in row-major order.
+
+    The output head is a third of a small model's forward (vocab x dim per token): it runs on the
+    response positions only, not on prompt and padding. Under FSDP the head's weight is sharded
+    outside the model's forward, so there the full logits are computed and then selected.
+    """
+    sel = mask.bool()
+    if sharded:
+        return model(tokens)[:, :-1][sel]
+    hidden = model(tokens, return_hidden=True)[:, :-1][sel]  # (N, dim)
+    return model.output(hidden).float()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(target) from logits: (N, V), (N,) -> (N,).
 
     Logits are divided by the sampling temperature, so that the policy PPO optimises is the
     distribution the answers were sampled from.
     """
-    logits = logits[:, :-1].float() / temperature
-    picked = logits.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of the next-token distribution at every column but the last: (B, L, V) -> (B, L - 1)."""
-    logits = logits[:, :-1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
+    """Entropy of each next-token distribution: (N, V) -> (N,)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Response-token values (N,) back into the (B, T) layout of `mask` (zeros elsewhere)."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask.bool()] = values
+    return out
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -174,17 +196,14 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     return rewards, kl
 
 
-def masked_whiten(xs: list[torch.Tensor], masks: list[torch.Tensor], d: Dist, eps: float = 1e-8) -> list[torch.Tensor]:
-    """Whiten the masked entries of several tensors together, with statistics over all ranks.
+def global_whiten(x: torch.Tensor, d: Dist, eps: float = 1e-8) -> torch.Tensor:
+    """`losses.whiten` with the mean and (population) variance over every rank's entries.
 
-    Zero mean and unit (population) variance over every response token of the global batch, as
-    `losses.whiten` does for one tensor; entries outside the masks become 0.
+    Advantages are whitened over all response tokens of the global batch (Stiennon et al.), so a
+    rank's share is whitened with the statistics of the whole batch.
     """
-    stats = torch.zeros(3, dtype=torch.float64)
-    for x, m in zip(xs, masks):
-        stats += torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double().cpu()
-    total, sq, n = all_reduce_sum(stats.to(d.device) if d.device.type == "cuda" else stats, d).cpu().tolist()
+    stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).double()
+    total, sq, n = all_reduce_sum(stats.to(d.device) if d.device.type == "cuda" else stats.cpu(), d).tolist()
     mean = total / max(n, 1)
     var = max(sq / max(n, 1) - mean * mean, 0.0)
-    scale = (var + eps) ** -0.5
-    return [(x - mean) * scale * m for x, m in zip(xs, masks)]
+    return (x - mean) * (var + eps) ** -0.5

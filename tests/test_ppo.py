@@ -23,8 +23,8 @@ from llama2.generation import Generator, SamplingParams
 from llama2.losses import whiten
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.ppo import PPOConfig, main
-from llama2.rollout import (Rollout, chunk_seed, generation_chunks, iteration_prompts, masked_whiten, pad_rollouts,
-                            sample_rollouts, shaped_rewards, token_logprobs)
+from llama2.rollout import (Rollout, chunk_seed, generation_chunks, global_whiten, iteration_prompts, pad_rollouts,
+                            response_logits, sample_rollouts, shaped_rewards, token_logprobs)
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "assets" / "losses" / "ppo_tiny.json"
@@ -119,9 +119,10 @@ def test_old_logprobs_match_generation_and_stop_token_is_an_action(policy_path, 
     assert stopped and len(stopped) < 6  # both kinds present
     tokens, mask = pad_rollouts(rollouts)
     with torch.no_grad():
-        logp = token_logprobs(model(tokens), tokens)
-    for b, r in enumerate(rollouts):
-        got = logp[b][mask[b].bool()]
+        logits = response_logits(model, tokens, mask)  # the head on response positions only
+        torch.testing.assert_close(logits, response_logits(model, tokens, mask, sharded=True))  # FSDP's path
+        logp = token_logprobs(logits, tokens[:, 1:][mask.bool()])
+    for r, got in zip(rollouts, logp.split(mask.sum(1).long().tolist())):
         assert len(got) == len(r.response)
         # the policy forward gives generation's log-probs (temperature 1); the stop token is one more action
         assert got[: len(r.logprobs)].tolist() == pytest.approx(r.logprobs, abs=1e-4)
@@ -140,13 +141,9 @@ def test_prompt_order_and_generation_chunks_do_not_depend_on_ranks():
     assert chunk_seed(0, 1, 2) == chunk_seed(0, 1, 2) != chunk_seed(0, 2, 1)
 
 
-def test_masked_whiten_equals_whiten_of_the_masked_entries():
-    a, b = torch.randn(3, 4), torch.randn(2, 6)
-    ma, mb = (torch.rand(3, 4) > 0.4).float(), (torch.rand(2, 6) > 0.4).float()
-    wa, wb = masked_whiten([a, b], [ma, mb], Dist())
-    expected = whiten(torch.cat([a[ma.bool()], b[mb.bool()]]))
-    assert torch.cat([wa[ma.bool()], wb[mb.bool()]]).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
-    assert (wa[~ma.bool()] == 0).all() and (wb[~mb.bool()] == 0).all()
+def test_global_whiten_is_whiten_on_one_rank():
+    x = torch.randn(50) * 3 + 1
+    torch.testing.assert_close(global_whiten(x, Dist()), whiten(x), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -37,8 +37,9 @@ from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
 from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, place_model, recipe_cli
 from llama2.rlhf_reward import GatedReward, GraderScorer
-from llama2.rollout import (PPOBatch, Rollout, consolidated_policy, generation_chunks, iteration_prompts, masked_whiten,
-                            pad_rollouts, sample_rollouts, shaped_rewards, token_entropy, token_logprobs)
+from llama2.rollout import (PPOBatch, Rollout, consolidated_policy, generation_chunks, global_whiten, iteration_prompts,
+                            pad_rollouts, response_logits, sample_rollouts, scatter, shaped_rewards, token_entropy,
+                            token_logprobs)
 from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, autocast, build_optimizer, clip_grad_norm,
                           resolve_dtype, seed_everything)
 
@@ -178,45 +179,56 @@ def minibatch_rows(batch: int, mini: int, iteration: int, seed: int, d: Dist) ->
     return [order[s + d.rank * per_rank: s + (d.rank + 1) * per_rank] for s in range(0, batch, mini)]
 
 
+def rollout_length(scored: dict, i: int) -> int:
+    return len(scored[i][0].prompt) + len(scored[i][0].response)
+
+
 @torch.no_grad()
 def prepare_batches(policy, reference, value_model, scored: dict, whitened: torch.Tensor, rows: list[list[int]],
                     cfg: PPOConfig, d: Dist, dtype) -> tuple[list[list[PPOBatch]], dict]:
     """Old log-probs, reference log-probs, values, shaped rewards and GAE for this rank's rows.
 
     Computed for the whole batch before the first update: the first mini-batch's step changes π_θ,
-    and every ratio must be against the policy that sampled (θ_old).
+    and every ratio must be against the policy that sampled (θ_old). These passes need no
+    mini-batch structure, so rows go through them sorted by length (little padding).
     """
     stats = torch.zeros(4, dtype=torch.float64)  # Σ KL per sequence, Σ entropy, tokens, sequences
-    staged = []
+    per_row = {}  # batch position -> (old log-probs, values, advantages, returns), each (n_i,)
+    mine = sorted((i for mb in rows for i in mb), key=lambda i: (rollout_length(scored, i), i))
+    for s in range(0, len(mine), cfg.micro_batch_size):
+        part = mine[s: s + cfg.micro_batch_size]
+        tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
+        sel, targets = mask.bool(), tokens[:, 1:][mask.bool()]
+        with autocast(d.device, dtype):
+            logits = response_logits(policy, tokens, mask, d.enabled)  # (N, V)
+            ref_logits = response_logits(reference, tokens, mask, d.enabled)
+            values = value_model(tokens)[:, :-1, 0][sel].float()  # V of the state before each token
+        logp = token_logprobs(logits, targets, cfg.temperature)
+        ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
+        entropy = token_entropy(logits, cfg.temperature)
+        del logits, ref_logits
+        rewards, kl = shaped_rewards(whitened[part].to(d.device), scatter(logp, mask), scatter(ref_logp, mask), mask,
+                                     cfg.kl_coef)
+        adv, ret = gae(rewards, scatter(values, mask), mask, cfg.gamma, cfg.lam)
+        n = mask.sum(1).long().tolist()
+        for i, *row in zip(part, logp.split(n), values.split(n), adv[sel].split(n), ret[sel].split(n)):
+            per_row[i] = row
+        stats += torch.tensor([kl.sum().item(), entropy.sum().item(), len(entropy), len(part)], dtype=torch.float64)
+    # Advantages are whitened over every response token of the global batch (Stiennon et al.).
+    order = list(per_row)
+    white = global_whiten(torch.cat([per_row[i][2] for i in order]), d).split([len(per_row[i][2]) for i in order])
+    for i, a in zip(order, white):
+        per_row[i][2] = a
+
+    batches = []
     for mb in rows:
-        micro = []
+        mb = sorted(mb, key=lambda i: (rollout_length(scored, i), i))  # similar lengths share a micro-batch
+        batches.append([])
         for s in range(0, len(mb), cfg.micro_batch_size):
             part = mb[s: s + cfg.micro_batch_size]
-            tokens, mask = pad_rollouts([scored[i][0] for i in part])
-            tokens, mask = tokens.to(d.device), mask.to(d.device)
-            with autocast(d.device, dtype):
-                logits = policy(tokens)
-                ref_logits = reference(tokens)
-                values = value_model(tokens)[:, :-1, 0].float()  # V of the state before each token
-            logp = token_logprobs(logits, tokens, cfg.temperature)
-            ref_logp = token_logprobs(ref_logits, tokens, cfg.temperature)
-            ent = token_entropy(logits, cfg.temperature)
-            del logits, ref_logits
-            rewards, kl = shaped_rewards(whitened[part].to(d.device), logp, ref_logp, mask, cfg.kl_coef)
-            adv, ret = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-            stats += torch.tensor([kl.sum().item(), (ent * mask).sum().item(), mask.sum().item(), len(part)],
-                                  dtype=torch.float64)
-            micro.append((tokens, mask, logp, values * mask, adv, ret))
-        staged.append(micro)
-    # Advantages are whitened over every response token of the global batch (Stiennon et al.).
-    flat = [m for micro in staged for m in micro]
-    advantages = masked_whiten([m[4] for m in flat], [m[1] for m in flat], d)
-    batches, k = [], 0
-    for micro in staged:
-        batches.append([])
-        for tokens, mask, logp, values, _, ret in micro:
-            batches[-1].append(PPOBatch(tokens, mask, logp, values, advantages[k], ret))
-            k += 1
+            tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
+            cat = [torch.cat([per_row[i][k] for i in part]) for k in range(4)]
+            batches[-1].append(PPOBatch(tokens, mask, *cat))
     kl_sum, ent_sum, n_tok, n_seq = all_reduce_sum(stats, d).tolist()
     return batches, {"kl": kl_sum / n_seq, "entropy": ent_sum / max(n_tok, 1)}
 
@@ -276,9 +288,11 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     v_args, v_state, v_source = value_init(cfg)
     value_model = place_model(build_model(v_args, v_state, v_source).train(), d, dtype, cfg.activation_checkpointing)
     del v_state
-    reward = GatedReward(build_scorer(cfg.helpfulness_rm, "helpfulness", d, dtype, cfg.reward_batch_size),
-                         build_scorer(cfg.safety_rm, "safety", d, dtype, cfg.reward_batch_size),
-                         cfg.safety_threshold)
+    helpful = build_scorer(cfg.helpfulness_rm, "helpfulness", d, dtype, cfg.reward_batch_size)
+    # One reward model for both axes (a user with a single RM): load it once, score once.
+    same = cfg.safety_rm == cfg.helpfulness_rm and cfg.safety_rm != "grader"
+    safety = helpful if same else build_scorer(cfg.safety_rm, "safety", d, dtype, cfg.reward_batch_size)
+    reward = GatedReward(helpful, safety, cfg.safety_threshold)
 
     # ---- prompts
     records, prompts, skipped = load_prompts(cfg.prompts, fmt, cfg.max_prompt_tokens, "prompts")
@@ -346,10 +360,12 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             for b in micro:
                 weight = b.mask.sum().item() / n_tokens.item() * d.world_size
                 with autocast(d.device, dtype):
-                    logp = token_logprobs(policy(b.tokens), b.tokens, cfg.temperature)
-                    values = value_model(b.tokens)[:, :-1, 0].float()
-                pg_loss, clip_frac = ppo_policy_loss(logp, b.old_logprobs, b.advantages, b.mask, cfg.clip)
-                v_loss = value_loss(values, b.old_values, b.returns, b.mask, cfg.value_clip)
+                    logits = response_logits(policy, b.tokens, b.mask, d.enabled)  # (N, V)
+                    values = value_model(b.tokens)[:, :-1, 0][b.mask.bool()].float()  # (N,)
+                logp = token_logprobs(logits, b.tokens[:, 1:][b.mask.bool()], cfg.temperature)
+                every = torch.ones_like(logp)  # PPOBatch holds response tokens only: all count
+                pg_loss, clip_frac = ppo_policy_loss(logp, b.old_logprobs, b.advantages, every, cfg.clip)
+                v_loss = value_loss(values, b.old_values, b.returns, every, cfg.value_clip)
                 ((pg_loss + v_loss) * weight).backward()  # separate models: each gets only its own loss
                 sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item()], dtype=torch.float64) \
                     * weight / d.world_size
