@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
@@ -37,11 +38,31 @@ from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
 from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, place_model, recipe_cli
 from llama2.rlhf_reward import GatedReward, GraderScorer
-from llama2.rollout import (PPOBatch, Rollout, consolidated_policy, generation_chunks, global_whiten, iteration_prompts,
-                            pad_rollouts, response_logits, sample_rollouts, scatter, shaped_rewards, token_entropy,
-                            token_logprobs)
-from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, autocast, build_optimizer, clip_grad_norm,
-                          resolve_dtype, seed_everything)
+from llama2.rollout import (
+    PPOBatch,
+    Rollout,
+    consolidated_policy,
+    generation_chunks,
+    global_whiten,
+    iteration_prompts,
+    pad_rollouts,
+    response_logits,
+    sample_rollouts,
+    scatter,
+    shaped_rewards,
+    token_entropy,
+    token_logprobs,
+)
+from llama2.train import (
+    Checkpointer,
+    MetricsLogger,
+    OptimConfig,
+    autocast,
+    build_optimizer,
+    clip_grad_norm,
+    resolve_dtype,
+    seed_everything,
+)
 
 
 def ppo_optim() -> OptimConfig:
@@ -172,8 +193,6 @@ def score(reward: GatedReward, records: list[dict], rollouts: list[Rollout], d: 
 def minibatch_rows(batch: int, mini: int, iteration: int, seed: int, d: Dist) -> list[list[int]]:
     """Batch positions this rank trains on in each mini-batch: a fresh shuffle per iteration, each
     mini-batch split evenly across ranks (so the global mini-batch does not depend on world size)."""
-    import numpy as np
-
     order = np.random.default_rng((seed, iteration, 1)).permutation(batch).tolist()
     per_rank = mini // d.world_size
     return [order[s + d.rank * per_rank: s + (d.rank + 1) * per_rank] for s in range(0, batch, mini)]
@@ -333,7 +352,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             log.log(0, {"eval_reward": best}, advance=0)
             save_policy(policy, d, out / "best", args, tokenizer, {"stage": "ppo", "iteration": 0})
 
-    it = start
+    it = start - 1  # the last iteration run (for the export's metadata when nothing is left to run)
     for it in range(start, cfg.iterations):
         # ---- 1. generation: one answer per prompt from π_θ, each rank its share of the prompts
         t0 = time.perf_counter()
