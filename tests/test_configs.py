@@ -19,7 +19,15 @@ def recipe_configs():
         table["reward"] = RewardConfig
     except ImportError:
         pass
+    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
+
+    table["rlhf/rejection_sampling"] = RejectionSamplingConfig
     return table
+
+
+def config_key(rel: Path) -> str:
+    # configs/rlhf/ holds several recipes; the file name says which (rejection_sampling_tiny.yaml)
+    return f"rlhf/{rel.stem.rsplit('_', 1)[0]}" if rel.parts[0] == "rlhf" else rel.parts[0]
 
 
 FILES = sorted(CONFIGS.rglob("*.yaml"))
@@ -28,8 +36,8 @@ FILES = sorted(CONFIGS.rglob("*.yaml"))
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CONFIGS)) for p in FILES])
 def test_config_loads(path):
     table = recipe_configs()
-    stage = path.relative_to(CONFIGS).parts[0]
-    assert stage in table, f"no recipe config class registered for configs/{stage}/"
+    stage = config_key(path.relative_to(CONFIGS))
+    assert stage in table, f"no recipe config class registered for configs/{stage}*"
     cfg = load_config(table[stage], path)
     assert cfg is not None
 
