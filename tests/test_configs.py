@@ -22,6 +22,12 @@ def recipe_configs():
     from llama2.recipes.rejection_sampling import RejectionSamplingConfig
 
     table["rlhf/rejection_sampling"] = RejectionSamplingConfig
+    try:
+        from llama2.recipes.ppo import PPOConfig
+
+        table["rlhf/ppo"] = PPOConfig
+    except ImportError:
+        pass
     return table
 
 

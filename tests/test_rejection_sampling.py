@@ -258,13 +258,21 @@ def test_killed_sampling_resumes_without_resampling(finished_run, world_dir, tin
     assert sorted(p.name for p in samples.glob("chunk-*.json")) == ["chunk-00000.json", "chunk-00001.json"]
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in samples.glob("chunk-*.json")}
 
-    resumed = subprocess.run(args + ["--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-                             check=False)
-    assert resumed.returncode == 0, resumed.stderr
+    # resume; this time die after the first fine-tuning step (its checkpoint is written)
+    resumed = subprocess.run(args + ["--resume"], env={**env, "LLAMA2_KILL_AT_STEP": "1"}, cwd=REPO,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == -9, resumed.stderr
     assert "2 of 3 chunks already sampled" in resumed.stderr
     for name, (mtime, data) in before.items():  # finished chunks were not sampled again
         p = samples / name
         assert (p.stat().st_mtime_ns, p.read_bytes()) == (mtime, data)
+    assert not (tmp_path / "run" / "iter-1" / "sft" / "final").exists()
+
+    done = subprocess.run(args + ["--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "all 3 chunks already sampled" in done.stderr
+    assert "(resuming)" in done.stderr  # the fine-tuning continued from its checkpoint
     # and the resumed run drew exactly what the uninterrupted run drew
     assert (tmp_path / "run" / "pool" / "iter-1.jsonl").read_text() == \
         (finished_run / "pool" / "iter-1.jsonl").read_text()

@@ -322,7 +322,9 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         else:
             write_atomic(sample_dir / "meta.json", json.dumps(meta) + "\n")
         done = [c for c in range(len(chunks)) if (sample_dir / f"chunk-{c:05d}.json").is_file()]
-        if done:
+        if len(done) == len(chunks):
+            say(f"iteration {it}: all {len(chunks)} chunks already sampled")
+        elif done:
             say(f"iteration {it}: {len(done)} of {len(chunks)} chunks already sampled; sampling the rest")
         bar = tqdm(total=len(chunks), initial=len(done), desc=f"[rs] iter {it} sampling", unit="chunk",
                    file=sys.stderr, disable=os.environ.get("LLAMA2_NO_PROGRESS") == "1")
