@@ -6,6 +6,7 @@ batches waste little padding, and returns K completions per dialog in the origin
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from llama2.chat_format import ChatFormat
@@ -47,9 +48,15 @@ class DialogSampler:
 def sample_responses(model_path: str | Path, records: list[dict], temperature: float, seed: int,
                      max_new_tokens: int = 64, top_p: float = 1.0) -> list[str]:
     """One answer text per prompt record (`messages` ending with a user turn), from a checkpoint."""
-    from llama2.chat import load_for_inference
-
-    model, tok = load_for_inference(str(model_path))
-    sampler = DialogSampler(model, tok)
+    sampler = _cached_sampler(str(model_path))
     outs = sampler.sample([r["messages"] for r in records], 1, temperature, top_p, max_new_tokens, seed)
     return [o[0].text.strip() for o in outs]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_sampler(model_path: str) -> DialogSampler:
+    """Annotation samples each (policy, temperature) arm separately: load each policy once."""
+    from llama2.chat import load_for_inference
+
+    model, tok = load_for_inference(model_path)
+    return DialogSampler(model, tok)

@@ -1,7 +1,5 @@
 """Simulated annotators (§3.2.1) and Likert raters (§4.4)."""
 import random
-import sys
-import types
 from collections import Counter
 
 import pytest
@@ -224,26 +222,31 @@ def test_likert_raters_vote():
     assert vote == A.LikertVote((5, 5, 5), 5, False)
 
 
-# -- the CLI (model sampling stubbed: llama2.generation is the lead's) ------------------------------
+# -- the CLI, sampling from two real (tiny, random) checkpoints -----------------------------------
 
-def test_annotate_cli_writes_a_batch(tmp_path, monkeypatch):
+def test_annotate_cli_writes_a_batch(tmp_path, world_tokenizer):
+    import torch
+
+    from llama2.checkpoint import save_native
+    from llama2.model import ModelArgs, Transformer
+
     formats = pytest.importorskip("llama2.world.formats")
-    records = _records(9, 40, 20, 40)
+    records = _records(9, 20, 10, 20)
     prompts = tmp_path / "prompts.jsonl"
     formats.write_jsonl(prompts, records)
-    calls = []
-
-    def sample_responses(model_path, recs, temperature, seed, max_new_tokens):
-        calls.append((model_path, len(recs), temperature, seed, max_new_tokens))
-        return _policy_sampler({"a.pt": 0.6, "b.pt": 0.3})(recs, model_path, temperature)
-
-    monkeypatch.setitem(sys.modules, "llama2.generation", types.SimpleNamespace(sample_responses=sample_responses))
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=world_tokenizer.vocab_size,
+                                  hidden_dim=64, max_seq_len=512))
+        m.init_weights(std=0.5)
+        save_native(tmp_path / name, m, tokenizer=world_tokenizer)
     out = tmp_path / "prefs.jsonl"
-    rc = A.annotate_cli(["--simulate", "--policy", "a.pt", "--policy", "b.pt", "--prompts", str(prompts),
-                         "--temperatures", "0.7", "1.0", "--out", str(out), "--batch", "2", "--seed", "1"])
+    rc = A.annotate_cli(["--simulate", "--policy", str(tmp_path / "a"), "--policy", str(tmp_path / "b"),
+                         "--prompts", str(prompts), "--temperatures", "0.7", "1.0", "--out", str(out),
+                         "--batch", "2", "--seed", "1", "--max-new-tokens", "6"])
     assert rc == 0
     pairs = formats.read_records(out, "preferences")  # every pair validates
-    assert len(pairs) > 50 and {p["batch"] for p in pairs} == {2}
-    assert {c[0] for c in calls} == {"a.pt", "b.pt"} and all(c[3:] == (1, 64) for c in calls)
+    assert len(pairs) >= 30 and {p["batch"] for p in pairs} == {2}
+    assert {p["axis"] for p in pairs} == {"helpfulness", "safety"}
     with pytest.raises(SystemExit):
         A.annotate_cli(["--policy", "a.pt", "--prompts", str(prompts), "--out", str(out)])  # no --simulate

@@ -313,7 +313,7 @@ def annotate_cli(argv: list[str]) -> int:
     if args.batch < 0:
         ap.error("--batch must be >= 0")
 
-    from llama2.generation import sample_responses  # the model stack, only when sampling for real
+    from llama2.sampling import sample_responses  # the model stack, only when sampling for real
     from llama2.world.formats import read_records, write_jsonl
 
     records = read_records(args.prompts, "prompts")
