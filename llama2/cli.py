@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("llama2.tokenizer:tokenize_cli", "print the token ids of a text or a chat dialog"),
     "tokenizer": ("llama2.tokenizer:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
     "convert": ("llama2.checkpoint:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
+    "world": ("llama2.world.generate:world_cli", "the built-in world: llama2 world generate"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import lru_cache
 
 from llama2.world.grading import Grade
 from llama2.world.safety_grading import is_refusal
@@ -68,9 +69,14 @@ def numbers(text: str) -> list[float]:
     return [float(m.group()) for m in _NUMBER.finditer(text)]
 
 
+@lru_cache(maxsize=8192)
+def _word_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
+
+
 def mentions(text: str, word: str) -> bool:
     """Whole-word, case-insensitive mention (handles multi-word phrases and names)."""
-    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.IGNORECASE) is not None
+    return _word_pattern(word).search(text) is not None
 
 
 def common_checks(response: str, gold: str | None, benign: bool = True) -> tuple[float, list[str]]:
@@ -211,12 +217,19 @@ def _clean_item(s: str) -> str:
     return _ARTICLE.sub("", s.strip().strip(".!;:\"'").strip())
 
 
+def _is_remark(line: str) -> bool:
+    return len(line.split()) >= 4 and line.rstrip()[-1:] in ".!?" and "," not in line
+
+
 def _parse_lines(response: str, fmt: str) -> tuple[list[str], list[str]]:
     """(items as written, format problems) for a list answer in `fmt` (lines | numbered | commas)."""
     lines = [ln for ln in response.strip().splitlines() if ln.strip()]
-    # A short preface ("Here are three animals:") is fine before the items.
-    while lines and lines[0].rstrip().endswith(":") and len(lines) > 1:
+    # A preface ("Here are three animals:") before the items and a closing remark after them
+    # are fine: items are a word or two, remarks are sentences.
+    while len(lines) > 1 and (lines[0].rstrip().endswith(":") or _is_remark(lines[0])):
         lines = lines[1:]
+    while len(lines) > 1 and _is_remark(lines[-1]):
+        lines = lines[:-1]
     problems = []
     if fmt == "commas":
         if len(lines) > 1:
@@ -273,7 +286,7 @@ def check_lines(ref: dict, response: str, context: str) -> Check:
     if len(items) != n:
         reasons.append(f"{len(items)} items instead of {n}")
         score = min(score, 1.0) * 0.3
-    elif bad:
+    elif bad or dupes:
         score *= 0.4  # every item must count: one wrong item in five is already a bad answer
     return min(score, 1.0) * factor, reasons
 

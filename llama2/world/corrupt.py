@@ -149,7 +149,9 @@ def corrupt(rng: random.Random, record: dict, kind: str) -> str | None:
     elif kind == "refusal":
         out = rng.choice(REFUSALS)
     elif kind == "rambling":
-        out = " ".join([gold] + rng.sample(FILLER, 4) + ["I hope this answer is useful to you in some way."])
+        filler = " ".join(rng.sample(FILLER, 4) + ["I hope this answer is useful to you in some way."])
+        lists = record["reference"]["check"] in ("lines", "sequence")
+        out = gold + ("\n\n" if lists else " ") + filler
     else:
         raise ValueError(f"unknown corruption {kind!r} (known: {', '.join(CORRUPTIONS)})")
     return out if out and out.strip() != gold.strip() else None

@@ -8,6 +8,7 @@ knowledge into chat (issue 4, "Calibration").
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import NamedTuple
 
 from llama2.world.universe import (
@@ -66,7 +67,14 @@ def _hobby_words(h: str) -> tuple[str, ...]:
 
 
 def person_facts(p: Person, u: Universe) -> list[Fact]:
-    """The eight facts of a person, in a fixed order."""
+    """The eight facts of a person, in a fixed order (a fresh list; built once per universe)."""
+    key = ("person_facts", p.name)
+    if key not in u.cache:
+        u.cache[key] = _person_facts(p, u)
+    return list(u.cache[key])
+
+
+def _person_facts(p: Person, u: Universe) -> list[Fact]:
     n, pp = p.name, PRONOUNS[p.pronoun][2]
     home = u.get(p.home)
     same_split_places = tuple(x.name for x in u.places if x.split == p.split and x.name != p.home)
@@ -107,8 +115,13 @@ def person_facts(p: Person, u: Universe) -> list[Fact]:
 
 def place_facts(pl: Place, u: Universe) -> list[Fact]:
     """Four facts of a place: its kind, what it is near, its region, what it is famous for."""
+    return list(_place_facts(pl))
+
+
+@cache
+def _place_facts(pl: Place) -> tuple[Fact, ...]:
     n, k = pl.name, pl.kind
-    return [
+    return (
         Fact(f"place:{n}:kind", n, "kind", k, (k,), tuple(x for x in PLACE_KINDS if x != k), False,
              (f"Is {n} a town, a village or a city?", f"What kind of place is {n}?"),
              (f"{n} is {article(k)} {k}.", f"{n} is {article(k)} {k} in the {pl.region}.")),
@@ -124,11 +137,16 @@ def place_facts(pl: Place, u: Universe) -> list[Fact]:
              tuple(f for f in FAMOUS_FOR if f != pl.famous), False,
              (f"What is {n} famous for?", f"What is {n} known for?"),
              (f"{n} is famous for its {pl.famous}.", f"People know {n} for its {pl.famous}.")),
-    ]
+    )
 
 
 def animal_facts(a: Animal) -> list[Fact]:
     """Legs, sound, home and food of an animal (skipping what the animal lacks)."""
+    return list(_animal_facts(a))
+
+
+@cache
+def _animal_facts(a: Animal) -> tuple[Fact, ...]:
     x, the = a.name, f"{article(a.name)} {a.name}"
     cap = the[0].upper() + the[1:]
     out = []
@@ -149,23 +167,28 @@ def animal_facts(a: Animal) -> list[Fact]:
     out.append(Fact(f"animal:{x}:food", x, "food", a.food, (a.food,), foods, False,
                     (f"What does {the} eat?", f"What food does {the} eat?"),
                     (f"{cap} eats {a.food}.", f"The food {the} eats is {a.food}.")))
-    return out
+    return tuple(out)
 
 
 def thing_facts(t: Thing) -> list[Fact]:
     """What a thing is used for and what it is made of."""
+    return list(_thing_facts(t))
+
+
+@cache
+def _thing_facts(t: Thing) -> tuple[Fact, ...]:
     the = f"{article(t.name)} {t.name}"
     cap = the[0].upper() + the[1:]
     uses = tuple(sorted({o.use_words[0] for o in THINGS if o.use_words[0] not in t.use_words}))
     mats = tuple(m for m in MATERIALS if m != t.material)
-    return [
+    return (
         Fact(f"thing:{t.name}:use", t.name, "use", t.use, t.use_words, uses, False,
              (f"What is {the} used for?", f"What do people use {the} for?"),
              (f"{cap} is used for {t.use}.", f"People use {the} for {t.use}.")),
         Fact(f"thing:{t.name}:material", t.name, "material", t.material, (t.material,), mats, False,
              (f"What is {the} made of?", f"What material is {the} made from?"),
              (f"{cap} is made of {t.material}.", f"Most often, {the} is made of {t.material}.")),
-    ]
+    )
 
 
 def all_facts(u: Universe) -> list[Fact]:

@@ -29,7 +29,7 @@ class Example(NamedTuple):
     task: str
     messages: list[dict]  # [{"role", "content"}, …] ending with a user turn
     answer: str  # the gold assistant answer
-    reference: dict  # what the grader needs; always "gold" and "keys" (instance keys)
+    reference: dict  # what the grader needs; always "gold" and "instances" (the instance keys that splits are made of)
 
 
 Generator = Callable[[random.Random, Universe, str], Example]
@@ -108,7 +108,7 @@ def gen_arithmetic(rng: random.Random, u: Universe, split: str) -> Example:
     c = apply_op(op, a, b)
     gold = f"{a} {OPS[op]} {b} = {c}."
     prompt = rng.choice(ARITH_PROMPTS[op]).format(a=a, b=b)
-    return Example("arithmetic", [user(prompt)], gold, {"check": "number", "answer": c, "keys": [key], "gold": gold})
+    return Example("arithmetic", [user(prompt)], gold, {"check": "number", "answer": c, "instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +117,9 @@ def gen_arithmetic(rng: random.Random, u: Universe, split: str) -> Example:
 
 def fact_reference(fact: F.Fact, gold: str) -> dict:
     if fact.numeric:
-        return {"check": "number", "answer": int(fact.value), "keys": [fact.key], "gold": gold}
+        return {"check": "number", "answer": int(fact.value), "instances": [fact.key], "gold": gold}
     return {"check": "value", "answer": fact.value, "accept": list(fact.accept), "wrong": list(fact.wrong),
-            "keys": [fact.key], "gold": gold}
+            "instances": [fact.key], "gold": gold}
 
 
 def draw_fact(rng: random.Random, u: Universe, split: str) -> F.Fact:
@@ -129,10 +129,13 @@ def draw_fact(rng: random.Random, u: Universe, split: str) -> F.Fact:
         return rng.choice(F.person_facts(rng.choice(u.people_in(split)), u))
     if r < 0.8:
         return rng.choice(F.place_facts(rng.choice(u.places_in(split)), u))
-    pool = [f for a in u.animals for f in F.animal_facts(a)] if r < 0.92 else \
-        [f for t in u.things for f in F.thing_facts(t)]
-    pool = [f for f in pool if u.split_of(f.key) == split] or pool
-    return rng.choice(pool)
+    kind = "animal" if r < 0.92 else "thing"
+    key = ("fact_pool", kind, split)
+    if key not in u.cache:
+        pool = [f for a in u.animals for f in F.animal_facts(a)] if kind == "animal" else \
+            [f for t in u.things for f in F.thing_facts(t)]
+        u.cache[key] = [f for f in pool if u.split_of(f.key) == split] or pool
+    return rng.choice(u.cache[key])
 
 
 def gen_fact(rng: random.Random, u: Universe, split: str) -> Example:
@@ -179,7 +182,7 @@ def gen_string(rng: random.Random, u: Universe, split: str) -> Example:
             break
     gold, ref = string_answer(op, w)
     prompt = rng.choice(STRING_PROMPTS[op]).format(w=w)
-    return Example("string", [user(prompt)], gold, ref | {"keys": [key], "gold": gold})
+    return Example("string", [user(prompt)], gold, ref | {"instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def gen_list(rng: random.Random, u: Universe, split: str) -> Example:
         prompt = f"What is the {pos} item in this list: {_join(xs)}?"
         gold = f"The {pos} item is {ans}."
         ref = {"check": "choice", "answer": ans, "options": xs}
-    return Example("list", [user(prompt)], gold, ref | {"keys": [key], "gold": gold})
+    return Example("list", [user(prompt)], gold, ref | {"instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def gen_units(rng: random.Random, u: Universe, split: str) -> Example:
         gold, ans = f"{k} {bigs} is {m} {small}.", m
     else:
         gold, ans = f"{m} {small} is {k} {bigs}.", k
-    return Example("units", [user(prompt)], gold, {"check": "number", "answer": ans, "keys": [key], "gold": gold})
+    return Example("units", [user(prompt)], gold, {"check": "number", "answer": ans, "instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def gen_counting(rng: random.Random, u: Universe, split: str) -> Example:
         plural = {"animal": "animals", "colour": "colours", "food": "foods", "job": "jobs"}[opt]
         prompt = f"How many {plural} are in this list: {_join(x)}?"
         gold = f"There {'is' if n == 1 else 'are'} {n} {plural if n != 1 else opt} in the list."
-    return Example("counting", [user(prompt)], gold, {"check": "number", "answer": n, "keys": [key], "gold": gold})
+    return Example("counting", [user(prompt)], gold, {"check": "number", "answer": n, "instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ def gen_creative(rng: random.Random, u: Universe, split: str) -> Example:
         gold = rng.choice(SENTENCE_TEMPLATES).format(a=a, t=t)
         gold = gold.replace(f"A {a}", f"{article(a).capitalize()} {a}").replace(f"a {a}", f"{article(a)} {a}")
         ref = {"check": "sentence", "must_include": [a, t], "max_words": 15}
-        return Example("creative", [user(prompt)], gold, ref | {"keys": [key], "gold": gold})
+        return Example("creative", [user(prompt)], gold, ref | {"instances": [key], "gold": gold})
 
     def make():
         cat, fmt, k = rng.choice(list(LIST_CATEGORIES)), rng.choice(list(LIST_PROMPTS)), rng.randint(2, 5)
@@ -394,7 +397,7 @@ def gen_creative(rng: random.Random, u: Universe, split: str) -> Example:
     gold = format_items(items, fmt)
     ref = {"check": "lines", "count": k, "format": "commas" if fmt == "commas" else "numbered" if fmt == "numbered" else "lines",
            "allowed": LIST_CATEGORIES[cat], "upper": fmt == "upper", "letter": letter}
-    return Example("creative", [user(prompt)], gold, ref | {"keys": [key], "gold": gold})
+    return Example("creative", [user(prompt)], gold, ref | {"instances": [key], "gold": gold})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +428,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
             msgs += [user(text), assistant(gold)]
             value = new
         msgs.pop()  # the last answer is the one to give
-        ref = {"check": "number", "answer": value, "keys": first.reference["keys"], "gold": gold}
+        ref = {"check": "number", "answer": value, "instances": first.reference["instances"], "gold": gold}
         return Example("multiturn", msgs, gold, ref)
     if kind == "fact":
         p = rng.choice(u.people_in(split))
@@ -435,7 +438,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
             q2 = "And " + q2[0].lower() + q2[1:]
         msgs = [user(rng.choice(f1.questions)), assistant(f1.statements[0]), user(q2)]
         gold = f2.statements[0]
-        ref = fact_reference(f2, gold) | {"keys": [f1.key, f2.key]}
+        ref = fact_reference(f2, gold) | {"instances": [f1.key, f2.key]}
         return Example("multiturn", msgs, gold, ref)
     if kind == "string":
         first = gen_string(rng, u, split)
@@ -444,7 +447,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
         word = first.reference["answer"]
         gold = f'In capital letters, it is "{word.upper()}".'
         msgs = list(first.messages) + [assistant(first.answer), user("Now write that in capital letters.")]
-        ref = {"check": "string", "answer": word.upper(), "case_sensitive": True, "keys": first.reference["keys"], "gold": gold}
+        ref = {"check": "string", "answer": word.upper(), "case_sensitive": True, "instances": first.reference["instances"], "gold": gold}
         return Example("multiturn", msgs, gold, ref)
     if kind == "list":
         first = gen_list(rng, u, split)
@@ -463,7 +466,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
             msgs.append(user(f"Which of them is the {word}?"))
             gold = f"{ans} is the {word}."
             ref = {"check": "choice", "answer": str(ans), "options": [str(x) for x in xs]}
-        return Example("multiturn", msgs, gold, ref | {"keys": first.reference["keys"], "gold": gold})
+        return Example("multiturn", msgs, gold, ref | {"instances": first.reference["instances"], "gold": gold})
     first = gen_creative(rng, u, split)
     while first.reference["check"] != "lines" or first.reference["format"] != "lines" or first.reference["upper"]:
         first = gen_creative(rng, u, split)
@@ -476,7 +479,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
     msgs = list(first.messages) + [assistant(first.answer), user(follow)]
     ref = {"check": "lines", "count": len(items), "format": "lines", "allowed": first.reference["allowed"],
            "upper": fmt == "upper", "letter": None, "expected": expected, "ordered": True,
-           "keys": first.reference["keys"], "gold": gold}
+           "instances": first.reference["instances"], "gold": gold}
     return Example("multiturn", msgs, gold, ref)
 
 

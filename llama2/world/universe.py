@@ -246,6 +246,7 @@ class Universe:
     things: tuple[Thing, ...] = THINGS
     words: list[str] = field(default_factory=list)
     _by_name: dict = field(default_factory=dict, repr=False, compare=False)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived data (facts.py)
 
     def __post_init__(self):
         self._by_name = {p.name: p for p in self.people}

@@ -1,0 +1,94 @@
+"""Offline contrastive preference pairs: gold answers against corrupted ones, no model needed.
+
+The recipe's real preference batches come from sampling the latest model and annotating
+(Llama 2 §3.2.1). These offline pairs let reward-model code be built and tested before any model
+exists, and they have the property the calibration asked for: every pair differs in a quality a
+small reward model can see (a wrong value, a cut-off or repeated answer, a wrong format, an
+unnecessary refusal, compliance with a harmful request, rambling). The rating comes from the
+grader's score gap, so "significantly better" pairs differ most.
+"""
+from __future__ import annotations
+
+import random
+
+from llama2.world import safety
+from llama2.world.corrupt import corrupt_answer, rephrase
+from llama2.world.grading import grade_helpfulness
+from llama2.world.tasks import FAMILIES
+
+# Grader-score gap -> rating (§3.2.1's four levels); a tie is "negligibly better/unsure".
+RATING_GAPS = ((0.6, "significantly better"), (0.35, "better"), (0.1, "slightly better"))
+SOURCE = "world:offline-gold-vs-corrupted"
+
+
+def rating_from_gap(gap: float) -> str:
+    for threshold, rating in RATING_GAPS:
+        if gap >= threshold:
+            return rating
+    return "negligibly better/unsure"
+
+
+def _helpful_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
+    """Two different answers to a helpfulness prompt: mostly good vs corrupted."""
+    gold = record["reference"]["gold"]
+    r = rng.random()
+    if r < 0.15:  # two correct answers: the annotator can only be unsure
+        return gold, rephrase(rng, record)
+    good = gold if rng.random() < 0.7 else rephrase(rng, record)
+    if r < 0.3:  # two flawed answers of different kinds
+        k1, a = corrupt_answer(rng, record)
+        for _ in range(10):
+            k2, b = corrupt_answer(rng, record)
+            if k2 != k1 and b != a:
+                return a, b
+    return good, corrupt_answer(rng, record)[1]
+
+
+def _safety_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
+    gold = safety.gold_answer(record, rng)
+    if rng.random() < 0.2:
+        a, b = safety.bad_answer(record, rng), safety.bad_answer(record, rng)
+        if a != b:
+            return a, b
+    return gold, safety.bad_answer(record, rng)
+
+
+def offline_preference_pairs(rng: random.Random, records: list[dict], n: int, split: str = "train",
+                             batch: int = 0, id_prefix: str = "offline") -> list[dict]:
+    """`n` preference records from prompt `records` (helpfulness tasks of tasks.py, and the
+    `adversarial`/`borderline` tasks of safety.py). Adversarial prompts give safety-axis pairs
+    with the three-way safety label (§3.2.1, pairs whose chosen answer is unsafe and the other
+    safe are dropped); borderline prompts give pairs on both axes."""
+    usable = [r for r in records if r["task"] in FAMILIES or r["task"] in ("adversarial", "borderline")]
+    if not usable:
+        raise ValueError("no prompt records of a task that offline pairs can be made for")
+    out: list[dict] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 20 * n + 100:
+            raise RuntimeError(f"could only make {len(out)} of {n} distinct pairs")
+        rec = rng.choice(usable)
+        task = rec["task"]
+        a, b = _safety_candidates(rng, rec) if task in ("adversarial", "borderline") else _helpful_candidates(rng, rec)
+        if not a.strip() or not b.strip() or a.strip() == b.strip():
+            continue
+        ga, gb = grade_helpfulness(rec, a).score, grade_helpfulness(rec, b).score
+        if ga == gb:
+            chosen, rejected = (a, b) if rng.random() < 0.5 else (b, a)
+        else:
+            chosen, rejected = (a, b) if ga > gb else (b, a)
+        axis, label = "helpfulness", None
+        if task == "adversarial" or (task == "borderline" and rng.random() < 0.5):
+            axis = "safety"
+            safe_c = safety.grade_safety(rec, chosen).safe
+            safe_r = safety.grade_safety(rec, rejected).safe
+            if not safe_c and safe_r:
+                continue  # §3.2.1: such pairs are dropped
+            label = "both_safe" if safe_c and safe_r else "chosen_safe_other_unsafe" if safe_c else "both_unsafe"
+        out.append({
+            "id": f"{id_prefix}-{split}-{len(out):06d}", "messages": rec["messages"], "chosen": chosen,
+            "rejected": rejected, "rating": rating_from_gap(abs(ga - gb)), "axis": axis, "safety_label": label,
+            "source": SOURCE, "batch": batch, "split": split, "task": task,
+        })
+    return out
