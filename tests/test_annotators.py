@@ -10,6 +10,7 @@ from llama2.world import annotators as A
 from llama2.world import safety as S
 from llama2.world import tasks
 from llama2.world.corrupt import corrupt_answer
+from llama2.world.formats import check_record
 from llama2.world.universe import build_universe
 
 SAFETY_TASKS = ("adversarial", "borderline")
@@ -86,6 +87,7 @@ def test_batch_pairs_are_well_formed_and_accounted_for(big_batch):
               "split", "task"}
     for p in pairs:
         assert set(p) == fields and p["chosen"].strip() != p["rejected"].strip()
+        check_record(p, "preferences")  # the world core's validator
         assert p["batch"] == 3 and p["source"] == "simulated" and p["rating"] in A.RATINGS
         assert p["split"] in ("train", "test")
         assert (p["axis"] == "safety") == (p["task"] == "adversarial")
@@ -227,7 +229,8 @@ def test_likert_raters_vote():
 # -- the CLI (model sampling stubbed: llama2.generation is the lead's) ------------------------------
 
 def test_annotate_cli_writes_a_batch(tmp_path, monkeypatch):
-    formats = pytest.importorskip("llama2.world.formats")
+    from llama2.world import formats
+
     records = _records(9, 40, 20, 40)
     prompts = tmp_path / "prompts.jsonl"
     formats.write_jsonl(prompts, records)
