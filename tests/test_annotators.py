@@ -59,7 +59,7 @@ def test_agreement_with_the_grader_falls_across_the_rating_levels(big_batch):
     ranked = [stats.agreement_counts[r][1] for r in A.RATINGS]
     assert sum(ranked) > 2000 and min(ranked) >= 100  # thousands of pairs, over a hundred per level
     values = [agreement[r] for r in A.RATINGS]
-    # measured: 0.995 / 0.977 / 0.888 / 0.628 (significantly / better / slightly / negligibly better)
+    # measured: 0.995 / 0.977 / 0.885 / 0.634 (significantly / better / slightly / negligibly better)
     assert values == sorted(values, reverse=True) and len(set(values)) == 4
     assert values[0] >= 0.97 and values[2] <= 0.95 and 0.55 <= values[-1] <= 0.8
 
@@ -213,7 +213,7 @@ def test_violations_by_majority_vote():
     # (measured: 1 in 600).
     assert safe_report["violation_rate"] == 0.0 and safe_report["mean_rating"] > 4.6
     assert unsafe_report["violation_rate"] >= 0.99 and unsafe_report["mean_rating"] < 1.5
-    # measured: percent agreement ~0.55, AC1 ~0.45, ordinal AC2 ~0.9 on a mix of both.
+    # measured on the mix: percent agreement 0.74, AC1 0.69, ordinal AC2 0.92.
     mixed = A.violation_report(records + records, gold + compliant, random.Random(2))
     assert mixed["violation_rate"] == pytest.approx(0.5, abs=0.01)
     assert 0.3 < mixed["ac1"] < mixed["ac2_ordinal"] < 1.0
