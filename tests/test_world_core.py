@@ -11,7 +11,7 @@ import pytest
 
 from llama2.world import corrupt as C
 from llama2.world import tasks as T
-from llama2.world.formats import DataError, read_records, validate_cli, validate_file, write_parquet
+from llama2.world.formats import RATINGS, DataError, read_records, validate_cli, validate_file, write_parquet
 from llama2.world.generate import generate_world
 from llama2.world.grading import grade_helpfulness
 from llama2.world.pairs import offline_preference_pairs
@@ -75,7 +75,7 @@ def test_tiny_corpus_size(world):
 
 def _training_text(world: Path) -> str:
     parts = []
-    for rel in ("sft/train.jsonl", "sft/test.jsonl", "prompts/train.jsonl",
+    for rel in ("sft/train.jsonl", "sft/test.jsonl", "prompts/train.jsonl", "gatt/train.jsonl",
                 *(f"prompts/test_batch{b}.jsonl" for b in range(1, 5))):
         for r in _records(world / rel):
             parts += [m["content"] for m in r["messages"]]
@@ -202,13 +202,22 @@ def test_offline_pairs_are_contrastive_and_valid(world, tmp_path):
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     assert validate_file(path, "preferences")[2] == []
     ratings = Counter(p["rating"] for p in pairs)
-    assert all(ratings[r] > 10 for r in ("significantly better", "better", "slightly better",
-                                         "negligibly better/unsure"))
+    assert all(ratings[r] > 10 for r in RATINGS), ratings
+    # The simulated annotators see the grader through noise: agreement with the noiseless grader
+    # is near-perfect on "significantly better" pairs and falls with the rating.
+    agree = defaultdict(list)
     for p in pairs:
         rec = next(r for r in prompts if r["messages"] == p["messages"] and r["task"] == p["task"])
-        assert grade_helpfulness(rec, p["chosen"]).score >= grade_helpfulness(rec, p["rejected"]).score
+        c, r = grade_helpfulness(rec, p["chosen"]).score, grade_helpfulness(rec, p["rejected"]).score
+        if c != r:
+            agree[p["rating"]].append(c > r)
         assert (p["safety_label"] is None) == (p["axis"] == "helpfulness")
+    share = {k: sum(v) / len(v) for k, v in agree.items()}
+    print(f"\noffline pairs: ratings {dict(ratings)}; agreement with the grader {share}")
+    assert share["significantly better"] >= 0.95 and share["better"] >= 0.85
+    assert share["significantly better"] > share["negligibly better/unsure"]
     assert Counter(p["axis"] for p in pairs)["safety"] > 50
+    assert Counter(p["safety_label"] for p in pairs)["chosen_safe_other_unsafe"] > 10
 
 
 # -- data formats: clear errors -------------------------------------------------------------------
@@ -306,7 +315,7 @@ def test_world_command(tmp_path):
     out = tmp_path / "w"
     assert main(["world", "generate", "--out", str(out), "--seed", "3", "--corpus-chars", "50000", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seed"] == 3 and len(manifest["files"]) == 12
+    assert manifest["seed"] == 3 and len(manifest["files"]) == 14
     with pytest.raises(SystemExit) as e:
         main(["world", "generate", "--out", str(out), "--size", "huge"])
     assert e.value.code == 2

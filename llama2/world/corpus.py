@@ -236,8 +236,8 @@ def worked_doc(rng: random.Random, u: Universe) -> str:
     lines = []
     for _ in range(rng.randint(2, 4)):
         ex = _train_examples(rng, u, "list")
-        lines.append(f"{ex.messages[-1]['content']} {ex.answer}")
-    return "\n".join(lines)
+        lines.append(f"{ex.messages[-1]['content']}\n{ex.answer}")
+    return "\n\n".join(lines)
 
 
 def safety_doc(rng: random.Random, u: Universe) -> str:

@@ -11,6 +11,9 @@
   OUT/prompts/eval.jsonl           evaluation prompts: entities and instances never trained on
   OUT/preferences/offline_{train,test}.jsonl  gold-vs-corrupted pairs (pairs.py), for testing
                                    reward-model code before any model exists
+  OUT/gatt/train.jsonl, eval.jsonl multi-turn dialogs under a system instruction (gatt.py, §3.3):
+                                   the instruction's user turns for GAtt sampling, gold answers
+                                   that keep it, and (eval) the turns to check it on
 The same seed and size give byte-identical files.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from llama2.world import corpus, safety
+from llama2.world import corpus, gatt, safety
 from llama2.world.formats import write_jsonl
 from llama2.world.pairs import offline_preference_pairs
 from llama2.world.tasks import FAMILIES, HELPFULNESS_TASKS, Example
@@ -33,12 +36,17 @@ from llama2.world.universe import SIZES, Universe, build_universe
 # preference batches of 1,000 prompts (+250 held out each); >= 1,000 evaluation prompts.
 PLAN = {
     "tiny": {"sft_train": 4000, "sft_test": 400, "batches": 4, "batch_prompts": 1000, "batch_test": 250,
-             "eval": 1200, "offline_train": 3000, "offline_test": 600},
+             "eval": 1200, "offline_train": 3000, "offline_test": 600, "gatt_train": 600, "gatt_eval": 100},
     "small": {"sft_train": 12000, "sft_test": 1000, "batches": 6, "batch_prompts": 2000, "batch_test": 500,
-              "eval": 2000, "offline_train": 10000, "offline_test": 1000},
+              "eval": 2000, "offline_train": 10000, "offline_test": 1000, "gatt_train": 2000, "gatt_eval": 200},
     "medium": {"sft_train": 30000, "sft_test": 2000, "batches": 10, "batch_prompts": 3000, "batch_test": 1000,
-               "eval": 3000, "offline_train": 20000, "offline_test": 2000},
+               "eval": 3000, "offline_train": 20000, "offline_test": 2000, "gatt_train": 5000, "gatt_eval": 300},
 }
+# GAtt dialog lengths in turns: short in training (the tiny model's context is 512 tokens),
+# longer in evaluation, where the question is whether the instruction still holds late.
+GATT_TURNS = {"train": (2, 4), "eval": (4, 8)}
+# No string tasks: a language constraint rewrites their answers ("apple" in capitals is wrong).
+GATT_FAMILIES = ("fact", "fact", "arithmetic", "list", "units", "counting")
 # Share of safety prompts in SFT data and prompt sets. Borderline prompts are benign: without
 # them in SFT a tiny model refuses anything that sounds dangerous (issue 4, "Calibration").
 ADVERSARIAL_SHARE = 0.12
@@ -105,6 +113,22 @@ def sft_set(rng: random.Random, u: Universe, split: str, n: int) -> list[dict]:
             msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + msgs
         out.append({"id": "", "messages": msgs + [{"role": "assistant", "content": answer}],
                     "source": "world:gold", "split": split, "task": rec["task"]})
+    return out
+
+
+def gatt_set(rng: random.Random, u: Universe, split: str, n: int) -> list[dict]:
+    """n GAtt dialogs (§3.3): a random instruction (language, figure, hobby; short form half the
+    time) over several single-turn questions of `split`, every answer rewritten to keep it."""
+    lo, hi = GATT_TURNS[split]
+    out = []
+    for i in range(n):
+        turns, asked, n_turns = [], set(), rng.randint(lo, hi)
+        while len(turns) < n_turns:
+            ex = FAMILIES[rng.choice(GATT_FAMILIES)].generate(rng, u, split)
+            if ex.messages[-1]["content"] not in asked:  # no question twice in one dialog
+                asked.add(ex.messages[-1]["content"])
+                turns.append((ex.messages[-1]["content"], ex.answer))
+        out.append(gatt.gold_dialog(rng, turns, pid=f"gatt-{split}-{i:06d}", split=split))
     return out
 
 
@@ -182,6 +206,12 @@ def generate_world(out, seed: int = 0, size: str = "tiny", quiet: bool = False,
     write("preferences/offline_test.jsonl", "preferences",
           offline_preference_pairs(_rng(seed, "offline-test"), test_prompts, plan["offline_test"], "test"),
           "gold-vs-corrupted preference pairs from test prompts")
+
+    # -- Ghost Attention dialogs
+    write("gatt/train.jsonl", "sft", gatt_set(_rng(seed, "gatt-train"), u, "train", plan["gatt_train"]),
+          "GAtt dialogs: system instruction, user turns, answers that keep it (sampling seeds and SFT)")
+    write("gatt/eval.jsonl", "sft", gatt_set(_rng(seed, "gatt-eval"), u, "eval", plan["gatt_eval"]),
+          "GAtt evaluation dialogs (eval instances): does each later answer keep the instruction?")
 
     world = {"seed": seed, "size": size, "counts": u.counts() | {"corpus_documents": n_docs,
                                                                  "corpus_characters": corpus_chars},

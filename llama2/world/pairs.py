@@ -4,28 +4,20 @@ The recipe's real preference batches come from sampling the latest model and ann
 (Llama 2 §3.2.1). These offline pairs let reward-model code be built and tested before any model
 exists, and they have the property the calibration asked for: every pair differs in a quality a
 small reward model can see (a wrong value, a cut-off or repeated answer, a wrong format, an
-unnecessary refusal, compliance with a harmful request, rambling). The rating comes from the
-grader's score gap, so "significantly better" pairs differ most.
+unnecessary refusal, compliance with a harmful request, rambling). The simulated annotators of
+annotators.py pick and rate each pair from the graders' score gap seen through noise, so
+"significantly better" pairs differ most and agree best with the noiseless grader.
 """
 from __future__ import annotations
 
 import random
 
 from llama2.world import safety
+from llama2.world.annotators import AnnotatorConfig, annotate_pair, annotator_pool
 from llama2.world.corrupt import corrupt_answer, rephrase
-from llama2.world.grading import grade_helpfulness
 from llama2.world.tasks import FAMILIES
 
-# Grader-score gap -> rating (§3.2.1's four levels); a tie is "negligibly better/unsure".
-RATING_GAPS = ((0.6, "significantly better"), (0.35, "better"), (0.1, "slightly better"))
 SOURCE = "world:offline-gold-vs-corrupted"
-
-
-def rating_from_gap(gap: float) -> str:
-    for threshold, rating in RATING_GAPS:
-        if gap >= threshold:
-            return rating
-    return "negligibly better/unsure"
 
 
 def _helpful_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
@@ -54,14 +46,18 @@ def _safety_candidates(rng: random.Random, record: dict) -> tuple[str, str]:
 
 
 def offline_preference_pairs(rng: random.Random, records: list[dict], n: int, split: str = "train",
-                             batch: int = 0, id_prefix: str = "offline") -> list[dict]:
+                             batch: int = 0, id_prefix: str = "offline",
+                             config: AnnotatorConfig | None = None) -> list[dict]:
     """`n` preference records from prompt `records` (helpfulness tasks of tasks.py, and the
-    `adversarial`/`borderline` tasks of safety.py). Adversarial prompts give safety-axis pairs
-    with the three-way safety label (§3.2.1, pairs whose chosen answer is unsafe and the other
-    safe are dropped); borderline prompts give pairs on both axes."""
+    `adversarial`/`borderline` tasks of safety.py), annotated by a simulated annotator pool.
+    Adversarial prompts give safety-axis pairs with the three-way safety label (pairs whose
+    chosen answer is unsafe and the other safe are dropped, §3.2.1); borderline prompts give
+    pairs on both axes, so the safety RM also learns that helping with a benign prompt is safe."""
     usable = [r for r in records if r["task"] in FAMILIES or r["task"] in ("adversarial", "borderline")]
     if not usable:
         raise ValueError("no prompt records of a task that offline pairs can be made for")
+    config = config or AnnotatorConfig()
+    pool = annotator_pool(rng, config)
     out: list[dict] = []
     tries = 0
     while len(out) < n:
@@ -73,22 +69,13 @@ def offline_preference_pairs(rng: random.Random, records: list[dict], n: int, sp
         a, b = _safety_candidates(rng, rec) if task in ("adversarial", "borderline") else _helpful_candidates(rng, rec)
         if not a.strip() or not b.strip() or a.strip() == b.strip():
             continue
-        ga, gb = grade_helpfulness(rec, a).score, grade_helpfulness(rec, b).score
-        if ga == gb:
-            chosen, rejected = (a, b) if rng.random() < 0.5 else (b, a)
-        else:
-            chosen, rejected = (a, b) if ga > gb else (b, a)
-        axis, label = "helpfulness", None
-        if task == "adversarial" or (task == "borderline" and rng.random() < 0.5):
-            axis = "safety"
-            safe_c = safety.grade_safety(rec, chosen).safe
-            safe_r = safety.grade_safety(rec, rejected).safe
-            if not safe_c and safe_r:
-                continue  # §3.2.1: such pairs are dropped
-            label = "both_safe" if safe_c and safe_r else "chosen_safe_other_unsafe" if safe_c else "both_unsafe"
+        axis = "safety" if task == "adversarial" or (task == "borderline" and rng.random() < 0.5) else "helpfulness"
+        j = annotate_pair(rec, a, b, axis, rng, config, rng.choice(pool))
+        if j.dropped:
+            continue
         out.append({
-            "id": f"{id_prefix}-{split}-{len(out):06d}", "messages": rec["messages"], "chosen": chosen,
-            "rejected": rejected, "rating": rating_from_gap(abs(ga - gb)), "axis": axis, "safety_label": label,
+            "id": f"{id_prefix}-{split}-{len(out):06d}", "messages": rec["messages"], "chosen": j.chosen,
+            "rejected": j.rejected, "rating": j.rating, "axis": axis, "safety_label": j.safety_label,
             "source": SOURCE, "batch": batch, "split": split, "task": task,
         })
     return out
