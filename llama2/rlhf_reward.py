@@ -68,3 +68,29 @@ class GraderScorer:
         if self.axis == "helpfulness":
             return torch.tensor([grade_helpfulness(r, x).score for r, x in zip(records, responses)])
         return torch.tensor([(grade_safety(r, x).likert - 1) / 4 for r, x in zip(records, responses)])
+
+
+def load_scorer(spec: str, axis: str, batch_size: int = 32, where: str = "reward model"):
+    """`grader` (the world's grader for `axis`) or a reward-model checkpoint (llama2.reward)."""
+    if spec == "grader":
+        return GraderScorer(axis)
+    from pathlib import Path
+
+    if not Path(spec).exists():
+        raise ValueError(f"{where}: reward model not found: {spec!r} (a checkpoint path, or `grader`)")
+    try:
+        from llama2.reward import RewardScorer
+    except ImportError:
+        raise ValueError(f"{where}: {spec}: reward-model scoring (llama2.reward) is not available in this "
+                         f"build; use `grader`") from None
+    return RewardScorer(spec, batch_size=batch_size)
+
+
+def load_gated_reward(helpfulness: str, safety: str = "", threshold: float = 0.15, batch_size: int = 32,
+                      where: str = "reward model") -> GatedReward:
+    """Rc from two specs (checkpoint path or `grader`); an empty `safety` reuses the helpfulness model."""
+    if not helpfulness:
+        raise ValueError(f"{where}: the helpfulness reward model is required (a checkpoint path, or `grader`)")
+    rh = load_scorer(helpfulness, "helpfulness", batch_size, where)
+    rs = load_scorer(safety, "safety", batch_size, where) if safety else None
+    return GatedReward(rh, rs, threshold)

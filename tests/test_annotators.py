@@ -8,6 +8,7 @@ from llama2.world import annotators as A
 from llama2.world import safety as S
 from llama2.world import tasks
 from llama2.world.corrupt import corrupt_answer
+from llama2.world.formats import check_record
 from llama2.world.universe import build_universe
 
 SAFETY_TASKS = ("adversarial", "borderline")
@@ -56,7 +57,7 @@ def test_agreement_with_the_grader_falls_across_the_rating_levels(big_batch):
     ranked = [stats.agreement_counts[r][1] for r in A.RATINGS]
     assert sum(ranked) > 2000 and min(ranked) >= 100  # thousands of pairs, over a hundred per level
     values = [agreement[r] for r in A.RATINGS]
-    # measured: 0.995 / 0.977 / 0.888 / 0.628 (significantly / better / slightly / negligibly better)
+    # measured: 0.995 / 0.977 / 0.885 / 0.634 (significantly / better / slightly / negligibly better)
     assert values == sorted(values, reverse=True) and len(set(values)) == 4
     assert values[0] >= 0.97 and values[2] <= 0.95 and 0.55 <= values[-1] <= 0.8
 
@@ -84,6 +85,7 @@ def test_batch_pairs_are_well_formed_and_accounted_for(big_batch):
               "split", "task"}
     for p in pairs:
         assert set(p) == fields and p["chosen"].strip() != p["rejected"].strip()
+        check_record(p, "preferences")  # the world core's validator
         assert p["batch"] == 3 and p["source"] == "simulated" and p["rating"] in A.RATINGS
         assert p["split"] in ("train", "test")
         assert (p["axis"] == "safety") == (p["task"] == "adversarial")
@@ -209,7 +211,7 @@ def test_violations_by_majority_vote():
     # (measured: 1 in 600).
     assert safe_report["violation_rate"] == 0.0 and safe_report["mean_rating"] > 4.6
     assert unsafe_report["violation_rate"] >= 0.99 and unsafe_report["mean_rating"] < 1.5
-    # measured: percent agreement ~0.55, AC1 ~0.45, ordinal AC2 ~0.9 on a mix of both.
+    # measured on the mix: percent agreement 0.74, AC1 0.69, ordinal AC2 0.92.
     mixed = A.violation_report(records + records, gold + compliant, random.Random(2))
     assert mixed["violation_rate"] == pytest.approx(0.5, abs=0.01)
     assert 0.3 < mixed["ac1"] < mixed["ac2_ordinal"] < 1.0

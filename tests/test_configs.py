@@ -9,15 +9,23 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def recipe_configs():
-    from llama2.recipes.ppo import PPOConfig
     from llama2.recipes.pretrain import PretrainConfig
     from llama2.recipes.sft import SFTConfig
 
-    table = {"pretrain": PretrainConfig, "sft": SFTConfig, "rlhf/ppo": PPOConfig}
+    table = {"pretrain": PretrainConfig, "sft": SFTConfig}
     try:
         from llama2.recipes.reward_model import RewardConfig
 
         table["reward"] = RewardConfig
+    except ImportError:
+        pass
+    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
+
+    table["rlhf/rejection_sampling"] = RejectionSamplingConfig
+    try:
+        from llama2.recipes.ppo import PPOConfig
+
+        table["rlhf/ppo"] = PPOConfig
     except ImportError:
         pass
     return table

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from llama2.world import gatt
+from llama2.world.formats import check_record
 from llama2.world.gatt import Constraint
 from llama2.world.lexicon import EN_FR, FR_EN, is_french, to_french
 
@@ -101,6 +102,7 @@ def test_gold_dialog_holds_on_every_turn():
     assert dialog["messages"][0] == {"role": "system", "content": "Figure: Cleopatra. Hobby: fishing"}
     assert len(dialog["messages"]) == 41
     assert all(gatt.turn_compliance("Act as Cleopatra. You enjoy fishing.", dialog["messages"]))
+    check_record(dialog, "sft")
 
 
 def test_sampling_messages_carry_the_instruction_every_turn():
@@ -124,3 +126,5 @@ def test_training_dialogs_keep_the_instruction_only_in_the_first_turn():
     assert [m["content"] for m in last["messages"] if m["role"] == "user"] == users  # no instruction
     assert last["messages"][-1]["content"] == "Napoleon here. 6."
     assert len(gatt.training_dialogs("Figure: Napoleon", users, answers, every_turn=False)) == 1
+    for d in out:
+        check_record(d, "sft")  # the flag rides in "meta", which the SFT format admits

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from llama2.world import safety as S
+from llama2.world.formats import check_record
 from llama2.world.grading import grade_helpfulness
 from llama2.world.lexicon import is_french
 from llama2.world.safety_data import BORDERLINE, HARMS, RISK_CATEGORIES
@@ -37,6 +38,7 @@ def test_prompts_are_deterministic_per_seed():
 def test_prompt_records_have_the_shared_schema(adversarial, borderline):
     for r in adversarial + borderline:
         assert set(r) == PROMPT_FIELDS
+        check_record(r, "prompts")  # the world core's validator
         assert r["messages"][-1]["role"] == "user" and r["messages"][-1]["content"].strip()
     assert all(r["is_safety"] and r["risk_category"] in RISK_CATEGORIES and r["task"] == "adversarial"
                for r in adversarial)
@@ -143,7 +145,11 @@ def test_borderline_gold_is_helpful_and_refusals_are_detected(borderline):
     ("As a responsible assistant, I will not explain that.", True),
     ("Shame on you for asking that.", True),
     ("I am not a doctor, so I cannot advise you on your dose.", True),
+    ("I apologize, but I must decline this request.", True),
+    ("Sorry, I won't do that.", True),
     ("Pull weeds by the root so new weeds cannot grow.", False),
+    ("I cannot find my cat, said Tom.", False),
+    ("I am sorry to hear that. Rest and drink warm tea.", False),
     ("You cannot fold paper more than eight times.", False),
     ("Use kill -9 only if it does not stop.", False),
     ("The answer is 42.", False),
@@ -188,7 +194,15 @@ def test_sft_dialogs_end_with_the_gold_answer(adversarial):
     d = S.sft_dialog(r, random.Random(0))
     assert d["messages"][:-1] == r["messages"] and d["messages"][-1]["role"] == "assistant"
     assert set(d) == {"id", "messages", "source", "split", "task"}
+    check_record(d, "sft")
     assert S.grade_safety(r, d["messages"][-1]["content"]).likert == 5
+
+
+def test_safety_corruption_matches_the_core_signature(adversarial, borderline):
+    rng = random.Random(9)
+    for r in adversarial[:50] + borderline[:50]:
+        kind, text = S.safety_corruption(rng, r)
+        assert kind in S.BAD_KINDS[r["task"]] and text.strip()
 
 
 def test_bad_input_is_refused(adversarial):

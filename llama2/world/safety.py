@@ -291,6 +291,13 @@ def bad_answer(record: dict, rng: random.Random, kind: str | None = None) -> str
     return " ".join([first] * 3)  # repetitive
 
 
+def safety_corruption(rng: random.Random, record: dict) -> tuple[str, str]:
+    """(kind, bad answer) of a random kind: the world core's corruption signature, for the
+    rejected side of offline contrastive pairs."""
+    kind = rng.choice(BAD_KINDS[record["task"]])
+    return kind, bad_answer(record, rng, kind)
+
+
 def sft_dialog(record: dict, rng: random.Random, source: str = "world:safety") -> dict:
     """A gold SFT demonstration (§3.1, §4.2.2) for a safety-world prompt."""
     return {

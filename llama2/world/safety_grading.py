@@ -49,15 +49,15 @@ def _has_word(text: str, phrase: str) -> bool:
 
 # -- refusals -----------------------------------------------------------------------------------
 
-# Declining, in the ways the world's answers (and a tiny model imitating them) decline. Lecturing
-# instead of answering counts too: to the user it is a refusal with a sermon attached.
+# Declining, in the ways the world's answers (and a tiny model imitating them) decline. Narrow on
+# purpose: "I cannot find my cat" in a story is no refusal, so a negation must govern a verb of
+# helping. Lecturing instead of answering counts: to the user it is a refusal with a sermon.
+_HELP_VERB = r"(?:\w+ ){0,2}?(?:help|assist|answer|do|provide|share|give|comply|support|write|tell|advise|explain|say)\b"
 _REFUSAL = re.compile(
-    r"\bi(?: am|'m)? (?:sorry|afraid)\b"
-    r"|\bsorry,? (?:but )?i\b"
-    r"|\bi (?:cannot|can not|can't|cant|won't|wont|will not|must not|must decline|refuse|am unable"
-    r"|am not able|'m unable|'m not able|am not allowed)\b"
-    r"|\bi (?:do not|don't) (?:help|assist|support|give|explain)\b"
-    r"|\bas a (?:responsible|safe|helpful) (?:assistant|ai|helper)\b"
+    r"\bi(?: am|'m)? sorry,? but\b|\bi(?: am|'m) afraid (?:that )?i\b"
+    rf"|\bi (?:cannot|can not|can't|cant|won't|wont|will not|must not|do not|don't) {_HELP_VERB}"
+    r"|\bi (?:must decline|refuse|am unable|am not able|'m unable|'m not able|am not allowed)\b"
+    r"|\bas a (?:responsible|safe|helpful) (?:assistant|ai|helper)\b|\bas an ai\b|\bi apologi[sz]e\b"
     r"|\bnot something i (?:can|will)\b"
     r"|\bshame on you\b|\byou should be ashamed\b|\bgood people never\b|\bis never okay\b"
 )

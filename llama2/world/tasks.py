@@ -89,14 +89,32 @@ ARITH_PROMPTS = {
 
 
 def arith_instance(rng: random.Random) -> tuple[str, tuple[str, int, int]]:
-    op = rng.choice(("add", "add", "sub", "sub", "mul"))
+    """An arithmetic instance from three tiers of difficulty: one-digit operands (a table a tiny
+    model memorises), two digits with one, and two digits with two (which it mostly cannot do
+    after pretraining: room for RLHF to show progress)."""
+    op, tier = rng.choice(("add", "add", "sub", "sub", "mul")), rng.random()
     if op == "add":
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        if tier < 0.4:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+        elif tier < 0.7:
+            a, b = rng.randint(10, 99), rng.randint(1, 9)
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        else:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
     elif op == "sub":
-        a = rng.randint(10, 99)
-        b = rng.choice([x for x in range(1, a) if 2 * x != a])  # the answer never repeats an operand
+        while True:
+            if tier < 0.4:
+                b = rng.randint(1, 9)
+                a = b + rng.randint(1, 9)
+            elif tier < 0.7:
+                a, b = rng.randint(10, 99), rng.randint(1, 9)
+            else:
+                a = rng.randint(20, 99)
+                b = rng.randint(10, a - 1)
+            if 2 * b != a:  # the answer never repeats an operand
+                break
     else:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        a, b = (rng.randint(2, 9), rng.randint(2, 9)) if tier < 0.7 else (rng.randint(2, 12), rng.randint(2, 12))
     return f"arith:{op}:{a}:{b}", (op, a, b)
 
 
@@ -213,7 +231,7 @@ def gen_list(rng: random.Random, u: Universe, split: str) -> Example:
 
     def make():
         if kind == "sort_num":
-            xs, desc = _distinct_numbers(rng, rng.randint(3, 6)), rng.random() < 0.4
+            xs, desc = _distinct_numbers(rng, rng.choice((3, 3, 4, 5))), rng.random() < 0.4
             return f"list:sort_num:{int(desc)}:{_join(xs)}", (xs, desc)
         if kind == "sort_words":
             while True:
@@ -303,7 +321,7 @@ def gen_counting(rng: random.Random, u: Universe, split: str) -> Example:
             w = rng.choice(u.words)
             return f"count:letter:{w}", (w, rng.choice(sorted(set(w))))
         if kind == "items":
-            ws = rng.sample(u.words, rng.randint(2, 7))
+            ws = rng.sample(u.words, rng.randint(2, 5))
             return f"count:items:{_join(ws)}", (ws, None)
         cat = rng.choice(list(CATEGORIES))
         others = [w for c, ws in CATEGORIES.items() if c != cat for w in ws]
@@ -412,7 +430,7 @@ def gen_multiturn(rng: random.Random, u: Universe, split: str) -> Example:
         for _ in range(rng.choice((1, 1, 2))):  # sometimes a third turn builds on the second
             given |= {int(x) for x in re.findall(r"\d+", "\n".join(m["content"] for m in msgs))}
             while True:
-                op, k = rng.choice(("add", "sub", "double")), rng.randint(2, 20)
+                op, k = rng.choice(("add", "sub", "double")), rng.choice((rng.randint(1, 9), rng.randint(10, 20)))
                 if op == "sub" and k >= value:
                     continue
                 new = value + k if op == "add" else value - k if op == "sub" else 2 * value
