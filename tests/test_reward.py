@@ -305,7 +305,7 @@ def world_rm(tmp_path_factory):
     prefs = root / "world" / "preferences"
     main(load_config(RewardConfig, REPO / "configs" / "reward" / "tiny.yaml", overrides(
         {"model": root / "pt" / "final", "out_dir": root / "rm", "train_data": f"[{prefs / 'offline_train.jsonl'}]",
-         "eval_data": f"[{prefs / 'offline_test.jsonl'}]", "ckpt_every": 0})))
+         "eval_data": f"[{prefs / 'offline_test.jsonl'}]", "ckpt_every": 0, "eval_every": 0})))
     return root
 
 
@@ -316,8 +316,11 @@ def test_tiny_reward_model_beats_chance_on_held_out_pairs(world_rm):
     by_task = {t: (round(v["accuracy"], 3), v["pairs"]) for t, v in overall["by_task"].items()}
     print(f"\nheld-out accuracy {overall['accuracy']:.3f}; by rating {by_rating}; by task family {by_task}")
     assert overall["pairs"] == 600 and report["skipped"] == {}
+    # The tiny preset's targets are >= 0.75 overall and >= 0.9 on "significantly better". This CI
+    # backbone measures 0.810 and 0.904; the bound leaves room for other CPUs' arithmetic (the
+    # tiny chat model of scripts/reward_tiny.sh clears 0.9 with a margin).
     assert overall["accuracy"] >= 0.75
-    assert by_rating["significantly better"] >= 0.85
+    assert by_rating["significantly better"] >= 0.88
     # Table 8's shape: the most distinct pairs are the easiest, the least distinct near chance
     assert by_rating["significantly better"] > by_rating["slightly better"] > by_rating["negligibly better/unsure"]
     # not only "looks familiar": every task family is clearly above chance
@@ -330,7 +333,16 @@ def test_tiny_reward_model_beats_chance_on_held_out_pairs(world_rm):
 def test_tiny_recipe_matches_stored_reference_losses(world_rm):
     rows = [json.loads(line) for line in (world_rm / "rm" / "metrics.jsonl").read_text().splitlines()]
     got = {r["step"]: r["loss"] for r in rows if r["step"] <= 8}
-    assert got[1] == pytest.approx(math.log1p(math.e) * 0.5 + 0.5 * 0.6, abs=0.5)  # ~uninformed start
+    # The head starts near zero, so the first loss is the uninformed mean of log(1 + e^m(rating))
+    # over the first batch: rebuild that batch as the recipe does and check.
+    from llama2.tokenizer import load_tokenizer
+
+    prefs = world_rm / "world" / "preferences" / "offline_train.jsonl"
+    mixed, _ = mix_pairs(read_pairs([prefs]), "helpfulness", seed=0)
+    data = tokenize_pairs(mixed, ChatFormat(load_tokenizer(world_rm / "pt" / "tokenizer")), 512)
+    (first,) = PairLoader(data.lengths, 32, 32, seed=0).next_step()
+    uninformed = sum(math.log1p(math.exp(MARGINS["small"][data.rating[i]])) for i in first) / len(first)
+    assert got[1] == pytest.approx(uninformed, abs=0.01)
     if os.environ.get("LLAMA2_UPDATE_REFERENCE"):
         REFERENCE.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
     ref = {int(k): v for k, v in json.loads(REFERENCE.read_text()).items()}
@@ -364,27 +376,48 @@ def test_killed_run_resumes_exactly(world_rm, tmp_path):
              resume=True)
 
 
-def test_eval_and_score_commands(world_rm, tmp_path):
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_single_process(world_rm, tmp_path):
+    prefs = world_rm / "world" / "preferences"
+    short = {"model": world_rm / "pt" / "final", "train_data": f"[{prefs / 'offline_train.jsonl'}]",
+             "eval_data": f"[{prefs / 'offline_test.jsonl'}]", "batch_size": 8, "micro_batch_size": 4, "max_steps": 4,
+             "ckpt_every": 0, "eval_every": 0, "log_every": 1, "optim.lr": 1e-3, "objective": "safety"}
+    main(load_config(RewardConfig, None, overrides({**short, "out_dir": tmp_path / "one"})))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llama2",
+                          "reward", "train", *overrides({**short, "out_dir": tmp_path / "two", "micro_batch_size": 2})],
+                         env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    assert len(a) == len(b) == 4 and all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(a, b)), (a, b)
+    # the final held-out report: each rank scores part of the test pairs, the scores are summed
+    ra, rb = [json.loads((tmp_path / n / "eval.json").read_text())["overall"] for n in ("one", "two")]
+    assert ra["pairs"] == rb["pairs"] == 600 and ra["accuracy"] == rb["accuracy"]
+
+
+def test_eval_and_score_commands(world_rm, tmp_path, capsys):
+    from llama2.cli import main as cli_main
+
     rm, test = world_rm / "rm" / "final", world_rm / "world" / "preferences" / "offline_test.jsonl"
-    r = run_reward_cli(["eval", "--model", str(rm), "--data", str(test), "--out", str(tmp_path / "ev")])
-    assert r.returncode == 0, r.stderr
+    assert cli_main(["reward", "eval", "--model", str(rm), "--data", str(test), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "offline_test/helpfulness" in out and "negl./unsure" in out
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     stored = json.loads((world_rm / "rm" / "eval.json").read_text())
     assert report["overall"]["accuracy"] == pytest.approx(stored["overall"]["accuracy"], abs=1e-9)
-    assert "offline_test/helpfulness" in r.stdout and "negl./unsure" in r.stdout
     # score: {messages, response} records, or messages ending with the answer; a bad record names its line
     pairs = [json.loads(line) for line in test.read_text().splitlines()[:3]]
     recs = [{"id": p["id"], "messages": p["messages"], "response": p["chosen"]} for p in pairs]
     recs.append({"messages": pairs[0]["messages"] + [{"role": "assistant", "content": pairs[0]["chosen"]}]})
-    r = run_reward_cli(["score", "--model", str(rm), "--data", str(write(tmp_path / "s.jsonl", recs)),
-                        "--out", str(tmp_path / "scores.jsonl")])
-    assert r.returncode == 0, r.stderr
+    assert cli_main(["reward", "score", "--model", str(rm), "--data", str(write(tmp_path / "s.jsonl", recs)),
+                     "--out", str(tmp_path / "scores.jsonl")]) == 0
     scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [s["id"] for s in scores] == [p["id"] for p in pairs] + ["line 4"]
     assert scores[3]["score"] == scores[0]["score"] and scores[0]["prob"] == pytest.approx(
         1 / (1 + math.exp(-scores[0]["score"])), abs=1e-6)
     expected = RewardScorer(rm).score([p["messages"] for p in pairs], [p["chosen"] for p in pairs])
     assert [s["score"] for s in scores[:3]] == pytest.approx(expected.tolist(), abs=1e-5)
+    capsys.readouterr()
     bad = write(tmp_path / "bad.jsonl", [recs[0], {"messages": pairs[0]["messages"]}])
-    r = run_reward_cli(["score", "--model", str(rm), "--data", str(bad)])
-    assert r.returncode == 1 and "bad.jsonl, line 2, field 'response': missing" in r.stderr
+    assert cli_main(["reward", "score", "--model", str(rm), "--data", str(bad)]) == 1
+    assert "bad.jsonl, line 2, field 'response': missing" in capsys.readouterr().err
