@@ -126,6 +126,24 @@ def test_one_forward_for_chosen_and_rejected_equals_separate_scoring_at_the_eos(
     assert len(set(round(e, 4) for e in expected[:3])) == 3  # the scores differ: the check can fail
 
 
+def test_score_token_with_a_chat_template_is_the_end_of_turn(sp_tokenizer, tmp_path):
+    from llama2.tokenizer import load_tokenizer
+
+    # A ChatML-like template: each turn ends with EOS and then a newline that the model never
+    # generates; the score is read at the EOS and the newline is cut.
+    template = ("{% for m in messages %}{{ bos_token + m['role'] + '\\n' + m['content'] + eos_token + '\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant\\n' }}{% endif %}")
+    sp_tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = load_tokenizer(tmp_path)
+    fmt = ChatFormat(tok)
+    assert fmt.style == "template"
+    full, mask = fmt.training_ids(DIALOGS[0] + [{"role": "assistant", "content": RESPONSES[0]}])
+    ids = response_ids(fmt, DIALOGS[0], RESPONSES[0])
+    assert ids[-1] == tok.eos_id and full[len(ids) - 1] == tok.eos_id and mask[len(ids) - 1]
+    assert ids == full[: len(ids)] and tok.decode(full[len(ids):]) == "\n"
+
+
 def test_scorer_batches_by_length_and_gives_probabilities(rm):
     model, tok = rm
     dialogs, responses = DIALOGS * 2, RESPONSES + ["no", "maybe", "yes"]

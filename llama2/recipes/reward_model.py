@@ -230,6 +230,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
                   f"{cfg.batch_size} pairs ({loader.accum} x {cfg.micro_batch_size} x {d.world_size}); "
                   f"margin {cfg.margin}; out: {out}")
     speed = Throughput(args.flops_per_token(int(train.lengths.mean())), peak_flops(d.device, dtype), d.world_size)
+    pair_speed = Throughput(0.0, 0.0, d.world_size)  # the same window, counted in pairs
     model.train()
     for step in range(start, total_steps):
         lr = lr_at(step, cfg.optim, total_steps)
@@ -254,11 +255,12 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         speed.add(tokens * d.world_size)
+        pair_speed.add(cfg.batch_size)
         metrics = {"loss": loss_avg, "accuracy": all_reduce_mean(acc_sum, d), "gap": all_reduce_mean(gap_sum, d),
                    "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch}
         if (step + 1) % cfg.log_every == 0 or step == start:
             tps, mfu = speed.read()
-            metrics.update(tokens_per_s=tps, pairs_per_s=tps / (2 * float(train.lengths.mean())), mfu=mfu)
+            metrics.update(tokens_per_s=tps, pairs_per_s=pair_speed.read()[0], mfu=mfu)
         if len(test) and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
             report = accuracy_report(*score_pairs(model, test, pad_id, cfg.eval_batch_size, d, dtype), test)
             metrics["test_accuracy"] = report["overall"]["accuracy"]
