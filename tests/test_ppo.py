@@ -258,3 +258,21 @@ def test_paper_settings_in_presets():
         assert 200 <= cfg.iterations <= 400
     default = PPOConfig()  # the dataclass holds the paper's 7B values
     assert (default.batch_size, default.mini_batch_size, default.kl_coef, default.optim.lr) == (512, 64, 0.01, 1e-6)
+
+
+def test_reward_model_rewards_and_value_model_from_the_reward_model(policy_path, prompts_file, tmp_path, monkeypatch):
+    from llama2.checkpoint import read_checkpoint
+    from llama2.recipes.ppo import value_init
+    from llama2.reward import reward_state
+
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    ck = read_checkpoint(policy_path)
+    rm_args, rm_state = reward_state(ck.args, ck.state)  # the policy under a new scalar head
+    rm = save_native(tmp_path / "rm", rm_state, rm_args, tokenizer=ck.tokenizer())
+    cfg = load_config(PPOConfig, None, overrides(policy_path, prompts_file, tmp_path / "run", **{
+        "helpfulness_rm": str(rm), "safety_rm": str(rm), "iterations": 1, "batch_size": 8, "mini_batch_size": 8}))
+    args, state, _ = value_init(cfg)  # the value model starts as the helpfulness reward model (§3.2.3)
+    assert args.head == "scalar" and torch.equal(state["output.weight"], read_checkpoint(rm).state["output.weight"])
+    main(cfg)
+    m = metrics(tmp_path / "run")[1]
+    assert 0 < m["reward"] < 1 and m["reward_helpfulness"] == m["reward_safety"]  # one model, both axes
