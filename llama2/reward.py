@@ -141,7 +141,9 @@ def mix_pairs(rows: Sequence[PairRow], objective: str, other_share: float | None
     pool = [r for r in rows if not (r.record["axis"] == objective or r.record["source"] in main_sources)]
     wanted = round(len(main) * share / (1 - share))
     other = random.Random(seed).sample(pool, min(wanted, len(pool)))
-    count = lambda rs: dict(sorted(Counter(f"{r.record['source']} ({r.record['axis']})" for r in rs).items()))  # noqa: E731
+    def count(rs: list[PairRow]) -> dict[str, int]:
+        return dict(sorted(Counter(f"{r.record['source']} ({r.record['axis']})" for r in rs).items()))
+
     summary = {"objective": objective, "other_share": share, "main": count(main), "other": count(other),
                "other_wanted": wanted, "other_available": len(pool)}
     return main + other, summary

@@ -328,7 +328,7 @@ def world_rm(tmp_path_factory):
 
 
 def test_tiny_reward_model_beats_chance_on_held_out_pairs(world_rm):
-    report = json.loads((world_rm / "rm" / "eval.json").read_text())
+    report = json.loads((world_rm / "rm" / "eval" / "eval.json").read_text())
     overall = report["overall"]
     by_rating = {r: v["accuracy"] for r, v in overall["by_rating"].items()}
     by_task = {t: (round(v["accuracy"], 3), v["pairs"]) for t, v in overall["by_task"].items()}
@@ -344,7 +344,7 @@ def test_tiny_reward_model_beats_chance_on_held_out_pairs(world_rm):
     # not only "looks familiar": every task family is clearly above chance
     assert all(acc >= 0.6 for acc, n in by_task.values()), by_task
     assert report["test_sets"]["offline_test/safety"]["accuracy"] >= 0.8
-    assert (world_rm / "rm" / "eval.png").stat().st_size > 10_000
+    assert (world_rm / "rm" / "eval" / "eval.png").stat().st_size > 10_000
     assert json.loads((world_rm / "rm" / "final" / "model.json").read_text())["model"]["head"] == "scalar"
 
 
@@ -406,10 +406,12 @@ def test_torchrun_fsdp2_matches_single_process(world_rm, tmp_path):
                          env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    a, b = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")]
     assert len(a) == len(b) == 4 and all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(a, b)), (a, b)
     # the final held-out report: each rank scores part of the test pairs, the scores are summed
-    ra, rb = [json.loads((tmp_path / n / "eval.json").read_text())["overall"] for n in ("one", "two")]
+    ra, rb = [json.loads((tmp_path / n / "eval" / "eval.json").read_text())["overall"]
+              for n in ("one", "two")]
     assert ra["pairs"] == rb["pairs"] == 600 and ra["accuracy"] == rb["accuracy"]
 
 
@@ -421,7 +423,7 @@ def test_eval_and_score_commands(world_rm, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "offline_test/helpfulness" in out and "negl./unsure" in out
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    stored = json.loads((world_rm / "rm" / "eval.json").read_text())
+    stored = json.loads((world_rm / "rm" / "eval" / "eval.json").read_text())
     assert report["overall"]["accuracy"] == pytest.approx(stored["overall"]["accuracy"], abs=1e-9)
     # score: {messages, response} records, or messages ending with the answer; a bad record names its line
     pairs = [json.loads(line) for line in test.read_text().splitlines()[:3]]
@@ -439,3 +441,6 @@ def test_eval_and_score_commands(world_rm, tmp_path, capsys):
     bad = write(tmp_path / "bad.jsonl", [recs[0], {"messages": pairs[0]["messages"]}])
     assert cli_main(["reward", "score", "--model", str(rm), "--data", str(bad)]) == 1
     assert "bad.jsonl, line 2, field 'response': missing" in capsys.readouterr().err
+    long = write(tmp_path / "long.jsonl", [recs[0], {**recs[1], "response": "Lucy lives in Fairfield. " * 200}])
+    assert cli_main(["reward", "score", "--model", str(rm), "--data", str(long)]) == 1
+    assert "long.jsonl, line 2, field 'response': " in capsys.readouterr().err

@@ -81,7 +81,8 @@ class RewardConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def score_pairs(model, data: PairData, pad_id: int, batch_size: int, d: Dist, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model, data: PairData, pad_id: int, batch_size: int, d: Dist,
+                dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """r_c, r_r (float64, on CPU) of every pair. Batches of similar length; under FSDP each rank
     scores every world-th batch (all ranks run the same number of forwards) and the scores are summed."""
     n = len(data)
@@ -231,6 +232,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
                   f"margin {cfg.margin}; out: {out}")
     speed = Throughput(args.flops_per_token(int(train.lengths.mean())), peak_flops(d.device, dtype), d.world_size)
     pair_speed = Throughput(0.0, 0.0, d.world_size)  # the same window, counted in pairs
+    report = None  # the latest held-out evaluation
     model.train()
     for step in range(start, total_steps):
         lr = lr_at(step, cfg.optim, total_steps)
@@ -273,13 +275,14 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
 
     # ---- export, then the held-out report (Tables 7 and 8)
     state = full_state_dict(model, d)
-    report = accuracy_report(*score_pairs(model, test, pad_id, cfg.eval_batch_size, d, dtype), test) if len(test) else None
+    if report is None and len(test):  # the loop evaluates at its last step when eval_every > 0
+        report = accuracy_report(*score_pairs(model, test, pad_id, cfg.eval_batch_size, d, dtype), test)
     if d.is_main:
         final = save_native(out / "final", state, args, tokenizer,
                             meta={"stage": "reward", "objective": cfg.objective, "margin": cfg.margin,
                                   "steps": total_steps, "mix": summary, "config": config_dict(cfg)})
         if report is not None:
-            write_report(report, out, f"{cfg.objective} reward model, margin {cfg.margin}: held-out accuracy")
+            write_report(report, out / "eval", f"{cfg.objective} reward model, margin {cfg.margin}: held-out accuracy")
             print(accuracy_table(report), flush=True)
         print(f"[reward] done: {final}  (evaluate: llama2 reward eval --model {final} --data FILE)", flush=True)
     teardown()
@@ -322,8 +325,8 @@ def eval_cli(argv: list[str]) -> int:
     return 0
 
 
-def score_records(path: str) -> list[tuple[dict, str, str]]:
-    """(dialog ending with a user turn, response, id) of each record of a file: either
+def score_records(path: str) -> list[tuple[list, str, str, int]]:
+    """(dialog ending with a user turn, response, id, line) of each record of a file: either
     {"messages", "response"} or {"messages"} ending with the assistant answer to score."""
     from llama2.world.formats import DataError, iter_rows
 
@@ -343,7 +346,7 @@ def score_records(path: str) -> list[tuple[dict, str, str]]:
                                                     "'messages' with the assistant answer")
         if not dialog or not isinstance(dialog[-1], dict) or dialog[-1].get("role") != "user":
             raise DataError(path, line, "messages", "the dialog must end with the user turn the response answers")
-        out.append((dialog, response, obj.get("id", f"line {line}")))
+        out.append((dialog, response, obj.get("id", f"line {line}"), line))
     if not out:
         raise DataError(path, None, None, "no records")
     return out
@@ -367,14 +370,16 @@ def score_cli(argv: list[str]) -> int:
     scorer = RewardScorer(a.model, batch_size=a.batch_size, device=a.device)
     records = score_records(a.data)
     seqs = []
-    for n, (dialog, response, rid) in enumerate(records):
+    for dialog, response, _, line in records:
         try:
             seqs += scorer.ids([dialog], [response])
-        except (ChatFormatError, ValueError) as e:
-            raise DataError(a.data, None, None, f"record {n + 1} (id {rid!r}): {str(e).removeprefix('dialog 0: ')}") from None
+        except ChatFormatError as e:
+            raise DataError(a.data, line, "messages", str(e).removeprefix("dialog 0: ")) from None
+        except ValueError as e:  # longer than the reward model's context
+            raise DataError(a.data, line, "response", str(e).removeprefix("dialog 0: ")) from None
     scores = scorer.score_ids(seqs)
     rows = [{"id": rid, "score": round(s, 6), "prob": round(1 / (1 + math.exp(-s)), 6)}
-            for (_, _, rid), s in zip(records, scores.tolist())]
+            for (_, _, rid, _), s in zip(records, scores.tolist())]
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
