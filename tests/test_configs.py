@@ -9,26 +9,17 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def recipe_configs():
+    from llama2.recipes.evaluate import EvaluateConfig
+    from llama2.recipes.pipeline import PipelineConfig
+    from llama2.recipes.ppo import PPOConfig
     from llama2.recipes.pretrain import PretrainConfig
+    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
+    from llama2.recipes.reward_model import RewardConfig
     from llama2.recipes.sft import SFTConfig
 
-    table = {"pretrain": PretrainConfig, "sft": SFTConfig}
-    try:
-        from llama2.recipes.reward_model import RewardConfig
-
-        table["reward"] = RewardConfig
-    except ImportError:
-        pass
-    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
-
-    table["rlhf/rejection_sampling"] = RejectionSamplingConfig
-    try:
-        from llama2.recipes.ppo import PPOConfig
-
-        table["rlhf/ppo"] = PPOConfig
-    except ImportError:
-        pass
-    return table
+    return {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+            "rlhf/rejection_sampling": RejectionSamplingConfig, "rlhf/ppo": PPOConfig,
+            "evaluate": EvaluateConfig, "pipeline": PipelineConfig}
 
 
 def config_key(rel: Path) -> str:
@@ -59,3 +50,11 @@ def test_paper_hyperparameters_in_presets():
         assert pt.optim.warmup_steps == 2000 and pt.optim.min_lr_ratio == 0.1 and pt.data.seq_len == 4096
         sft = load_config(SFTConfig, CONFIGS / "sft" / f"{size}.yaml")
         assert (sft.optim.lr, sft.batch_size, sft.seq_len, sft.epochs) == (2e-5, 64, 4096, 2)
+
+
+def test_pipeline_stage_settings_are_valid():
+    """The pipeline's per-stage overrides are checked against each recipe's config."""
+    from llama2.recipes.pipeline import PipelineConfig, check
+
+    for path in sorted((CONFIGS / "pipeline").glob("*.yaml")):
+        check(load_config(PipelineConfig, path))

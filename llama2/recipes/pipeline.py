@@ -135,6 +135,11 @@ class Run:
             [str(self.world / d) for d in default]
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Did an interrupted training stage leave a complete checkpoint to resume from?"""
+    return any((out / "checkpoints").glob("step-*/train_state.json"))
+
+
 def _exists(path: str, what: str) -> None:
     if path and path != "grader" and not Path(path).exists():
         raise ConfigError(f"{what}: {path} does not exist")
@@ -186,7 +191,7 @@ def stage_pretrain(run: Run, cfg: PipelineConfig, out: Path, resume: bool) -> di
                                              "corpus": run.files(cfg.pretrain_corpus, "corpus/pretrain.jsonl"),
                                              **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})}},
                    "pipeline.pretrain")
-    main(pc, resume=resume)
+    main(pc, resume=resume and has_checkpoint(out))
     return {"model": str(out / "final")}
 
 
@@ -200,7 +205,7 @@ def stage_sft(run: Run, cfg: PipelineConfig, out: Path, resume: bool, model: str
     sc = from_dict(SFTConfig, {**over, "out_dir": str(out), "model": model, "seed": cfg.seed, "device": cfg.device,
                                "train_data": run.files(cfg.sft_train, "sft/train.jsonl"),
                                "eval_data": run.files(cfg.sft_eval, "sft/test.jsonl")}, "pipeline.sft")
-    main(sc, resume=resume)
+    main(sc, resume=resume and has_checkpoint(out))
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
     return {"model": str(out / "final"), "steps": steps}
 
@@ -264,7 +269,7 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
         rc = from_dict(RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
                                       "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
                                       "device": cfg.device}, "pipeline.reward")
-        main(rc, resume=resume and (d / "checkpoints").is_dir())
+        main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
     return outputs
 
@@ -294,7 +299,7 @@ def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: i
                                "eval_prompts": run.files(cfg.test_prompts, "prompts/test_batch*.jsonl"),
                                "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
                                "seed": cfg.seed + version, "device": cfg.device}, "pipeline.ppo")
-    main(pc, resume=resume and (out / "checkpoints").is_dir())
+    main(pc, resume=resume and has_checkpoint(out))
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
     return {"model": str(out / "final"), "steps": steps}
 

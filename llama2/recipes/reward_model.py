@@ -19,6 +19,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,11 +55,11 @@ class MixConfig:
 class RewardConfig:
     out_dir: str = "runs/reward"
     model: str = ""  # §3.2.2: initialised from the chat model's checkpoint (any format); required
-    objective: str = "helpfulness"  # helpfulness | safety: which of the two reward models
+    objective: Literal["helpfulness", "safety"] = "helpfulness"  # helpfulness | safety: which of the two reward models
     train_data: list[str] = field(default_factory=list)  # preference files; their "test" records are held out
     eval_data: list[str] = field(default_factory=list)  # further test files (every record is a test pair)
     mix: MixConfig = field(default_factory=MixConfig)
-    margin: str = "small"  # none | small | large: m(rating) of Table 27 (Table 28 ablates them)
+    margin: Literal["none", "small", "large"] = "small"  # none | small | large: m(rating) of Table 27 (Table 28 ablates them)
     chat_format: str = "auto"  # auto (the tokenizer's template if any) | llama2 | template
     max_seq_len: int = 0  # longest pair sequence; 0 = the model's context. Longer pairs are skipped, counted
     batch_size: int = 512  # pairs per optimizer step, all ranks together (§3.2.2: 512 pairs = 1024 rows)

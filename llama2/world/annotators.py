@@ -136,6 +136,7 @@ class BatchStats:
     prompts: int = 0
     pairs: int = 0
     ties: int = 0  # identical answers: nothing to compare (skipped)
+    empty: int = 0  # an empty answer on either side: not a valid pair (skipped)
     dropped_unsafe_chosen: int = 0  # chosen unsafe and other safe (dropped, §3.2.1)
     ratings: Counter = field(default_factory=Counter)
     safety_labels: Counter = field(default_factory=Counter)
@@ -164,7 +165,7 @@ class BatchStats:
 
     def summary(self) -> dict:
         return {
-            "prompts": self.prompts, "pairs": self.pairs, "ties_skipped": self.ties,
+            "prompts": self.prompts, "pairs": self.pairs, "ties_skipped": self.ties, "empty_skipped": self.empty,
             "dropped_unsafe_chosen": self.dropped_unsafe_chosen, "grader_ties": self.grader_ties,
             "ratings": dict(self.ratings), "safety_labels": dict(self.safety_labels), "axes": dict(self.axes),
             "arms": dict(self.arms), "agreement_with_grader": self.agreement(),
@@ -211,6 +212,9 @@ def annotate_batch(records: Sequence[dict], sample_fn: SampleFn, *, variants: Se
 
     pairs = []
     for i, (record, (a, b)) in enumerate(zip(records, answers)):
+        if not a.strip() or not b.strip():  # the pair format needs two non-empty answers
+            stats.empty += 1
+            continue
         if a.strip() == b.strip():
             stats.ties += 1
             continue
@@ -331,7 +335,7 @@ def annotate_cli(argv: list[str]) -> int:
     write_jsonl(args.out, pairs)
     s = stats.summary()
     print(f"{args.out}: {s['pairs']} pairs from {s['prompts']} prompts "
-          f"({s['ties_skipped']} identical answers skipped, {s['dropped_unsafe_chosen']} unsafe-chosen dropped)",
+          f"({s['ties_skipped']} identical and {s['empty_skipped']} empty answers skipped, {s['dropped_unsafe_chosen']} unsafe-chosen dropped)",
           file=sys.stderr)
     print(f"ratings {s['ratings']}; safety labels {s['safety_labels']}", file=sys.stderr)
     return 0

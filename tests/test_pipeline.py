@@ -1,0 +1,80 @@
+"""`llama2 pipeline` end to end at a reduced size: every stage, kill-and-resume, --from-stage,
+and the configuration checked before any work starts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama2.config import ConfigError, load_config
+from llama2.recipes.pipeline import PipelineConfig, check, stage_names
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "pipeline" / "tiny.yaml"
+
+# configs/pipeline/tiny.yaml shrunk to seconds per stage: the same code paths, far fewer steps.
+REDUCED = [
+    "annotate.prompts_per_batch=48", "annotate.max_new_tokens=24",
+    "pretrain.max_steps=20", "pretrain.batch_tokens=1024", "pretrain.data.seq_len=128",
+    "pretrain.eval_every=10", "pretrain.ckpt_every=10", "pretrain.model.vocab_size=1024",
+    "sft.epochs=0.05", "sft.eval_every=5", "sft.ckpt_every=5",
+    "reward.max_steps=6", "reward.batch_size=16", "reward.micro_batch_size=16", "reward.eval_every=6",
+    "rejection_sampling.max_prompts=32", "rejection_sampling.k=2", "rejection_sampling.max_new_tokens=24",
+    "rejection_sampling.chunk_prompts=16", "rejection_sampling.sft.epochs=1", "rejection_sampling.sft.batch_size=8",
+    "rejection_sampling.sft.micro_batch_size=8",
+    "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
+    "ppo.max_new_tokens=24", "ppo.eval_every=1", "ppo.eval_size=16",
+    "evaluate.max_prompts=64", "evaluate.max_new_tokens=24",
+]
+
+
+def run(out: Path, *extra: str, env: dict | None = None):
+    e = {**os.environ, "LLAMA2_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llama2", "pipeline", "--config", str(TINY), f"out_dir={out}",
+                           *REDUCED, *extra], env=e, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_with_a_kill(tmp_path):
+    out = tmp_path / "run"
+    killed = run(out, env={"LLAMA2_KILL_AT_STEP": "15"})  # pretraining dies after step 15 (checkpoint at 10)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((out / "state.json").read_text())
+    assert list(state["done"]) == ["world"]
+    resumed = run(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 2/15: pretrain (resuming)" in resumed.stdout
+    state = json.loads((out / "state.json").read_text())
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={out}"])
+    assert list(state["done"]) == stage_names(cfg)
+    steps = [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, 21))  # nothing lost, steps 11-15 redone after the kill
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["versions"]) == {"v1", "v2"} and "final_vs_control" in summary
+    for judge in ("graders", "reward_models"):
+        w = summary["versions"]["v2"]["win_rate_vs_sft"][judge]
+        assert w["wins"] + w["losses"] + w["ties"] == 64 and 0 <= w["ci95"][0] <= w["ci95"][1] <= 1
+    assert (out / "report.html").stat().st_size > 10_000
+    assert f"llama2 chat --model {summary['final_model']}" in resumed.stdout
+    assert Path(summary["final_model"]).name == "final" and "ppo" in summary["final_model"]
+    # --from-stage reruns that stage and everything after it, nothing before
+    again = run(out, "--from-stage", "control")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 13/15: control" in again.stdout and "v2.eval" not in again.stdout
+
+
+def test_configuration_is_checked_before_any_work(tmp_path):
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "sft.bogus=1"])
+    with pytest.raises(ConfigError, match="'sft'.*unknown key 'bogus'"):
+        check(cfg)
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"base_model={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match="base_model: .*missing does not exist"):
+        check(cfg)
+    r = run(tmp_path / "y", "reward.margin=7")
+    assert r.returncode == 1 and "margin" in r.stderr and not (tmp_path / "y").exists()
+    with pytest.raises(ConfigError, match="unknown stage"):
+        from llama2.recipes.pipeline import Run
+
+        Run(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'z'}"])).forget_from("v9.ppo", ["world"])
