@@ -88,10 +88,12 @@ def plot_reward_accuracy(run: Path):
     fig, axes = plt.subplots(1, len(evals), figsize=(3.6 * len(evals), 3), squeeze=False)
     for ax, (name, table) in zip(axes[0], evals):
         for test_set, acc in table.items():
-            ax.plot(range(len(acc)), [acc[r] for r in RATINGS if r in acc], "o-", label=test_set)
+            pts = [(i, acc[r]) for i, r in enumerate(RATINGS) if acc.get(r) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=test_set)
         ax.set_xticks(range(4), ["signif.", "better", "slightly", "neglig."], fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.5, ls="--")
-        ax.set_ylim(0.3, 1.02)
+        ax.set_ylim(0, 1.02)
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("accuracy")
