@@ -46,8 +46,8 @@ def plot_losses(run: Path):
 
     stages = [("pretrain", run / "pretrain" / "metrics.jsonl"), ("sft", run / "sft" / "metrics.jsonl"),
               ("control (extra SFT)", run / "control" / "metrics.jsonl")]
-    stages += [(f"{v.name} rejection-sampling SFT", v / "rejection_sampling" / "sft" / "metrics.jsonl")
-               for v in _versions(run)]
+    stages += [(f"{v.name} rejection-sampling SFT", p) for v in _versions(run)
+               for p in sorted((v / "rejection_sampling").glob("iter-*/sft/metrics.jsonl"))]
     series = [(name, rows) for name, path in stages if (rows := _jsonl(path))]
     if not series:
         return None
@@ -103,7 +103,8 @@ def plot_reward_accuracy(run: Path):
 def plot_best_of_n(run: Path):
     import matplotlib.pyplot as plt
 
-    curves = [(v.name, bon) for v in _versions(run) if (bon := _json(v / "best_of_n" / "best_of_n.json"))]
+    curves = [(v.name, _json(p)) for v in _versions(run)
+              for p in sorted((v / "rejection_sampling").glob("iter-*/best_of_n/best_of_n.json"))]
     if not curves:
         return None
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
@@ -174,6 +175,26 @@ def plot_win_rates(run: Path):
     return _png(fig)
 
 
+def plot_ppo(run: Path):
+    import matplotlib.pyplot as plt
+
+    runs = [(v.name, rows) for v in _versions(run) if (rows := _jsonl(v / "ppo" / "metrics.jsonl"))]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for name, rows in runs:
+        rows = [r for r in rows if "reward" in r]
+        it = [r["step"] for r in rows]
+        axes[0].plot(it, [r["reward"] for r in rows], label=name)
+        axes[1].plot(it, [r.get("kl", 0.0) for r in rows], label=name)
+        axes[2].plot(it, [r.get("response_len", 0.0) for r in rows], label=name)
+    for ax, title in zip(axes, ("mean reward Rc", "KL(π_θ ‖ π_0) per answer", "answer length")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO iteration")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -208,7 +229,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
             rows, ["version", "helpfulness", "violation rate", "false refusal (helpful)", "false refusal (borderline)",
                    "win rate vs SFT (graders)", "95% CI", "ties"]))
     for title, fn in [("Training losses", plot_losses), ("Reward-model accuracy by rating (Tables 7–8)", plot_reward_accuracy),
-                      ("Best-of-N (Figures 7–8)", plot_best_of_n), ("Reward distributions per version", plot_reward_distributions),
+                      ("Best-of-N (Figures 7–8)", plot_best_of_n), ("PPO", plot_ppo), ("Reward distributions per version", plot_reward_distributions),
                       ("Win rate per version (Figure 11)", plot_win_rates)]:
         img = fn(run)
         if img:
