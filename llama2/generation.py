@@ -6,7 +6,6 @@ first real token — so a row generates exactly what it would generate alone.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -128,17 +127,11 @@ class PackedModel:
             cache.k[i][:, :, start:S] = k.transpose(1, 2)
             cache.v[i][:, :, start:S] = v.view(B, T, nkv, hd).transpose(1, 2)
             keys, values = cache.k[i][:, :, :S], cache.v[i][:, :, :S]  # (B, nkv, S, hd)
-            if T == 1:
-                # One query per row: grouped heads as a (B, nkv, group, hd) batch; cheaper than SDPA's
-                # setup for a single token.
-                qg = q.view(B, nkv, nq // nkv, hd)
-                scores = (qg @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, nkv, group, S)
-                scores = scores.masked_fill(~mask, float("-inf"))
-                out = (torch.softmax(scores, dim=-1) @ values).reshape(B, 1, nq * hd)
-            else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                     enable_gqa=nq != nkv)
-                out = out.transpose(1, 2).reshape(B, T, nq * hd)
+            # SDPA also for single-token steps: with SmolLM2's 9/3 heads and 100 cached columns it
+            # took 52 us vs 92 us for explicit grouped matmuls + softmax at batch 1 (259 vs 277 at 16).
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=nq != nkv)
+            out = out.transpose(1, 2).reshape(B, T, nq * hd)
             x = x + linear(out, wo)
             gate, up = linear(self._norm(x, n2), w13).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w2)
