@@ -62,8 +62,16 @@ class ModelArgs:
         return self.n_layers * per_layer + self.dim + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM appendix B)."""
-        n = self.num_params(include_embeddings=False) + self.vocab_size * self.dim  # output head counts
+        """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM appendix B).
+
+        N counts the weights that take part in a matmul: every projection and the output head, once
+        even when it is tied to the embedding (the lookup is no matmul), but not the norm gains.
+        Attention is counted as if not causal (PaLM's convention; the kernels skip about half).
+        tests/test_model.py checks it against torch's FLOP counter on a real step.
+        """
+        hd, kv = self.head_dim, self.n_kv_heads
+        n = self.n_layers * (self.dim * hd * (2 * self.n_heads + 2 * kv) + 3 * self.dim * self.hidden_dim)
+        n += self.vocab_size * self.dim  # output head
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
