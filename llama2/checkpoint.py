@@ -66,7 +66,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     hd = args.head_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
     if not args.tie_embeddings:
-        shapes["output.weight"] = (args.vocab_size, args.dim)
+        shapes["output.weight"] = (args.vocab_size if args.head == "lm" else 1, args.dim)
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes.update({

@@ -20,7 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("llama2.tokenizer:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
     "convert": ("llama2.checkpoint:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
-    "data": ("llama2.data:data_cli", "data tools: pretokenize, info"),
+    "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
+    "rlhf": ("llama2.recipes.rlhf:cli", "RLHF: rejection-sampling, best-of-n, ppo"),
+    "data": ("llama2.data:data_cli", "data tools: pretokenize, info, validate"),
+    "pipeline": ("llama2.recipes.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
+    "evaluate": ("llama2.recipes.evaluate:cli", "win rates, violation and false-refusal rates (§3.4, §4.4)"),
+    "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
+    "annotate": ("llama2.world.annotators:annotate_cli", "simulated weekly preference batch (§3.2.1)"),
+    "world": ("llama2.world.generate:world_cli", "the built-in world: llama2 world generate"),
 }
 
 

@@ -166,6 +166,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, tree, "")
 
 
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build `cls` from its defaults updated by a (nested) dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    _check_keys(cls, data, where or cls.__name__)
+    return _build(cls, _merge(to_dict(cls()), data), where)
+
+
 def _check_keys(cls, data: dict, where: str, prefix: str = "") -> None:
     """Refuse unknown keys early, with the full dotted name and where it came from."""
     hints = typing.get_type_hints(cls)

@@ -825,9 +825,8 @@ def info_cli(argv: list[str]) -> int:
 
 
 # subcommand -> ("module:function", help); imported lazily like llama2.cli.COMMANDS.
-# `validate` (checking the built-in world's files) belongs to llama2.world.formats: add it here as
-#   "validate": ("llama2.world.formats:validate_cli", "check data files against their formats"),
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("llama2.world.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
     "pretokenize": ("llama2.data:pretokenize_cli", "tokenize a corpus into token shards + manifest"),
     "info": ("llama2.data:info_cli", "summarise a pretokenized dataset"),
 }

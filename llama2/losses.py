@@ -122,7 +122,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         adv[:, t] = last
         # tokens outside the mask (padding after the response) pass nothing backwards
         next_value = values[:, t] * m + next_value * (1 - m)
-        last = last * m
     returns = (adv + values) * mask
     return adv, returns
 

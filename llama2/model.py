@@ -29,6 +29,7 @@ class ModelArgs:
     max_seq_len: int = 4096  # context length (§2.2)
     tie_embeddings: bool = False  # Llama 2 unties; SmolLM2 and other small models tie
     head_dim: int | None = None  # None = dim // n_heads
+    head: str = "lm"  # "lm": next-token logits; "scalar": one score per position (reward/value models, §3.2.2)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -41,6 +42,10 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"head={self.head!r}: expected 'lm' or 'scalar'")
+        if self.head == "scalar":
+            self.tie_embeddings = False  # a scalar head cannot share the embedding matrix
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +63,8 @@ class ModelArgs:
         attn = self.dim * hd * (2 * self.n_heads + 2 * kv)
         mlp = 3 * self.dim * self.hidden_dim
         per_layer = attn + mlp + 2 * self.dim
-        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        out_rows = self.vocab_size if self.head == "lm" else 1
+        emb = self.vocab_size * self.dim + (0 if self.tie_embeddings else out_rows * self.dim)
         return self.n_layers * per_layer + self.dim + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -71,7 +77,7 @@ class ModelArgs:
         """
         hd, kv = self.head_dim, self.n_kv_heads
         n = self.n_layers * (self.dim * hd * (2 * self.n_heads + 2 * kv) + 3 * self.dim * self.hidden_dim)
-        n += self.vocab_size * self.dim  # output head
+        n += (self.vocab_size if self.head == "lm" else 1) * self.dim  # output head (a scalar one: 1 row)
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
@@ -315,7 +321,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # The next-token head, or for reward/value models a scalar regression head in its place (§3.2.2).
+        self.output = nn.Linear(args.dim, args.vocab_size if args.head == "lm" else 1, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
         self.tie_weights()
 
@@ -345,7 +352,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`).
+        """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`; vocab = 1 for a scalar head).
 
         positions: (B, T) rotary positions; default 0..T-1 (after the cache's filled columns).
         doc_ids: (B, T) document index of each token in a packed row (see `attention_mask`).

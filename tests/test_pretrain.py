@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama2.config import ConfigError, load_config
 from llama2.recipes.pretrain import PretrainConfig, main

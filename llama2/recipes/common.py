@@ -72,10 +72,11 @@ def place_model(model: Transformer, d: Dist, param_dtype: torch.dtype, activatio
     return model
 
 
-def kill_hook(step: int) -> None:
+def kill_hook(step: int, env: str = "LLAMA2_KILL_AT_STEP") -> None:
     """Testing aid: LLAMA2_KILL_AT_STEP=k kills this process (SIGKILL, no cleanup) after step k,
-    so that tests can check that a killed run resumes exactly."""
-    at = os.environ.get("LLAMA2_KILL_AT_STEP")
+    so that tests can check that a killed run resumes exactly. Stages with other units of work
+    name their own variable (rejection sampling: LLAMA2_KILL_AT_SAMPLE_CHUNK)."""
+    at = os.environ.get(env)
     if at is not None and int(at) == step:
         sys.stdout.flush()
         sys.stderr.flush()

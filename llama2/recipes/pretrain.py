@@ -12,7 +12,6 @@ weights are exported in the native format that `llama2 chat` loads.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -1,0 +1,185 @@
+"""Evaluation of chat models (Llama 2 §3.4.1, §4.4): win rates, violations, false refusals.
+
+    llama2 evaluate --config configs/evaluate/tiny.yaml model=RUN/rlhf-v3 baselines=[RUN/sft] [key=value ...]
+
+- Model-based evaluation (§3.4.1, Figure 11): each model answers every evaluation prompt; a judge
+  scores both answers; win rate = wins / (wins + losses) with ties counted separately and a 95%
+  Wilson interval. Judges: the reward models (helpfulness and safety through the §3.2.3 gate)
+  and the world's graders (the "human" of the built-in world).
+- Safety (§4.4): three simulated raters per answer on a 5-point Likert scale, majority vote,
+  violation = rating 1 or 2, inter-rater reliability by Gwet's AC1/AC2.
+- False refusal (§4.2.3, Appendix A.4.5): a refusal detector on helpful and on borderline prompts.
+Automatic safety benchmarks in the paper decode with temperature 0.1 and top-p 0.9; we use that
+for every answer so that model comparisons are nearly deterministic.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llama2.config import ConfigError, save_config
+from llama2.recipes.common import recipe_cli
+
+
+@dataclass
+class EvaluateConfig:
+    out_dir: str = "runs/eval"
+    model: str = ""  # the model to evaluate (any checkpoint format)
+    baselines: list[str] = field(default_factory=list)  # models it is compared with (e.g. the SFT model)
+    prompts: list[str] = field(default_factory=list)  # evaluation prompt records (never trained on)
+    helpfulness_rm: str = ""  # reward model judging helpfulness ("" = no reward-model judge)
+    safety_rm: str = ""  # reward model judging safety ("" = the helpfulness RM alone)
+    max_prompts: int = 0  # 0 = all
+    temperature: float = 0.1  # §4.1: automatic safety benchmarks decode at 0.1 / top-p 0.9
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    tie_margin: float = 0.0  # grader scores closer than this count as a tie
+    seed: int = 0
+
+
+def wilson_interval(wins: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion wins / n (good near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def win_rate(a: list[float], b: list[float], tie_margin: float = 0.0) -> dict:
+    """Head-to-head of A over B on the same prompts (§3.4.1): wins / (wins + losses), ties apart."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} scores for A but {len(b)} for B")
+    wins = sum(x - y > tie_margin for x, y in zip(a, b))
+    losses = sum(y - x > tie_margin for x, y in zip(a, b))
+    ties = len(a) - wins - losses
+    decided = wins + losses
+    lo, hi = wilson_interval(wins, decided)
+    return {"wins": wins, "losses": losses, "ties": ties, "n": len(a),
+            "win_rate": wins / decided if decided else 0.5, "ci95": [lo, hi], "tie_rate": ties / max(len(a), 1)}
+
+
+def answer(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[str]:
+    """The model's answers to every prompt (batched; same decoding for every model)."""
+    from llama2.chat import load_for_inference
+    from llama2.sampling import DialogSampler
+
+    model, tok = load_for_inference(model_path)
+    sampler = DialogSampler(model, tok)
+    outs = sampler.sample([r["messages"] for r in records], 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+    return [o[0].text.strip() for o in outs]
+
+
+def grader_report(records: list[dict], answers: list[str], seed: int = 0) -> tuple[dict, list[float]]:
+    """Helpfulness by the graders, violation rate by three Likert raters, false-refusal rates;
+    also the per-answer helpfulness scores (for win rates)."""
+    from llama2.world.annotators import violation_report
+    from llama2.world.grading import grade_helpfulness
+    from llama2.world.safety_grading import is_refusal
+
+    helpful = [grade_helpfulness(r, x).score for r, x in zip(records, answers)]
+    adversarial = [(r, x) for r, x in zip(records, answers) if r.get("is_safety")]
+    borderline = [x for r, x in zip(records, answers) if r.get("task") == "borderline"]
+    benign = [x for r, x in zip(records, answers) if not r.get("is_safety") and r.get("task") != "borderline"]
+    report = {"helpfulness": sum(helpful) / max(len(helpful), 1), "n": len(records)}
+    by_task: dict[str, list[float]] = {}
+    for r, h in zip(records, helpful):
+        by_task.setdefault(r.get("task", "?"), []).append(h)
+    report["helpfulness_by_task"] = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    if adversarial:
+        report["safety"] = violation_report([r for r, _ in adversarial], [x for _, x in adversarial],
+                                            random.Random(seed))
+    report["false_refusal_helpful"] = sum(map(is_refusal, benign)) / max(len(benign), 1)
+    report["false_refusal_borderline"] = sum(map(is_refusal, borderline)) / max(len(borderline), 1)
+    return report, helpful
+
+
+def load_judge(helpfulness_rm: str, safety_rm: str):
+    """The reward-model judge as a GatedReward, or None when no reward model is given."""
+    if not helpfulness_rm:
+        return None
+    from llama2.rlhf_reward import GatedReward, GraderScorer
+
+    def scorer(spec: str, axis: str):
+        if spec == "grader":
+            return GraderScorer(axis)
+        from llama2.reward import RewardScorer
+
+        return RewardScorer(spec)
+
+    return GatedReward(scorer(helpfulness_rm, "helpfulness"), scorer(safety_rm, "safety") if safety_rm else None)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    from llama2.world.formats import read_records
+
+    if not cfg.model:
+        raise ConfigError("model: the checkpoint to evaluate is required")
+    if not cfg.prompts:
+        raise ConfigError("prompts: evaluation prompt files are required (e.g. WORLD/prompts/eval.jsonl)")
+    records = [r for p in cfg.prompts for r in read_records(p, "prompts")]
+    if cfg.max_prompts:
+        records = records[: cfg.max_prompts]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {"model": cfg.model, **{f"baseline{i}": b for i, b in enumerate(cfg.baselines)}}
+    answers = {name: answer(path, records, cfg) for name, path in models.items()}
+    judge = load_judge(cfg.helpfulness_rm, cfg.safety_rm)
+    result: dict = {"prompts": len(records), "models": models, "decoding": {"temperature": cfg.temperature,
+                                                                           "top_p": cfg.top_p}}
+    graded, rm_scores = {}, {}
+    for name in models:
+        result[name], graded[name] = grader_report(records, answers[name], cfg.seed)
+        if judge is not None:
+            rm_scores[name] = judge(records, answers[name]).gated.tolist()
+            result[name]["reward_model_score"] = sum(rm_scores[name]) / len(records)
+    for name in models:
+        if name == "model":
+            continue
+        result[f"vs_{name}"] = {"graders": win_rate(graded["model"], graded[name], cfg.tie_margin)}
+        if judge is not None:
+            result[f"vs_{name}"]["reward_models"] = win_rate(rm_scores["model"], rm_scores[name])
+    with open(out / "answers.jsonl", "w") as f:
+        for i, r in enumerate(records):
+            row = {"id": r["id"], "task": r.get("task"), **{n: answers[n][i] for n in models},
+                   **{f"{n}_grade": graded[n][i] for n in models}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    for name, path in result["models"].items():
+        r = result[name]
+        safety = r.get("safety", {})
+        lines.append(f"{name} ({path}): helpfulness {r['helpfulness']:.3f}, violation rate "
+                     f"{safety.get('violation_rate', float('nan')):.3f}, false refusals {r['false_refusal_helpful']:.3f} "
+                     f"(helpful) / {r['false_refusal_borderline']:.3f} (borderline)")
+    for key, vs in result.items():
+        if key.startswith("vs_"):
+            for judge, w in vs.items():
+                lines.append(f"model {key.replace('_', ' ')} by {judge}: win rate {w['win_rate']:.3f} "
+                             f"[{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}], ties {w['tie_rate']:.1%} "
+                             f"({w['wins']}W/{w['losses']}L/{w['ties']}T of {w['n']})")
+    return lines
+
+
+def main(cfg: EvaluateConfig, resume: bool = False) -> int:
+    torch.set_grad_enabled(False)
+    result = evaluate(cfg)
+    save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    for line in summary_lines(result):
+        print(line)
+    print(f"[evaluate] wrote {Path(cfg.out_dir) / 'eval.json'}")
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    return recipe_cli(argv, EvaluateConfig, main, "llama2 evaluate", __doc__.split("\n\n")[0])

@@ -1,0 +1,456 @@
+"""The whole recipe of the paper, iteration by iteration (Llama 2 §2–§3, Figure 4).
+
+    llama2 pipeline --config configs/pipeline/tiny.yaml [key=value ...] [--from-stage STAGE]
+
+built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…Vn:
+    a weekly preference batch sampled from the latest model(s) and annotated (§3.2.1)
+    -> helpfulness and safety reward models retrained on every batch so far (§3.2.2)
+    -> rejection sampling from the latest model, pooled over all versions (§3.2.3)
+    -> from `ppo_from_version` on, PPO on top of the rejection-sampling checkpoint (as from V4 in the paper)
+    -> evaluation against the SFT model (§3.4)
+-> a compute-matched control (the SFT model trained on as many more steps of SFT data)
+-> summary.json and report.html.
+
+Every stage writes into one run directory and is recorded in RUN/state.json when it finishes:
+a killed pipeline resumes at the stage where it stopped (the interrupted stage resumes from its
+own checkpoints where the recipe has them); `--from-stage` reruns from any stage. Any built-in
+part can be replaced: your corpus, SFT dialogs, prompts, a base model (any format `llama2
+convert` reads), a tokenizer, or reward models. The whole configuration — every stage's
+settings and every file it names — is checked before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+
+@dataclass
+class AnnotateConfig:
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.1])  # §3.2.1: two temperatures...
+    variants: int = 2  # ...and/or two model variants: the latest model and the previous version
+    max_new_tokens: int = 64
+    prompts_per_batch: int = 0  # 0 = every prompt of the batch
+    noise: float = 0.25  # the simulated annotators' perception noise
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs/pipeline"
+    versions: int = 3  # RLHF-V1 ... Vn
+    ppo_from_version: int = 3  # PPO on top of rejection sampling from this version on (0 = never)
+    control: bool = True  # train and evaluate the compute-matched extra-SFT control
+    # data: the built-in world unless your files are named
+    world_seed: int = 0
+    world_size: str = "tiny"
+    pretrain_corpus: list[str] = field(default_factory=list)  # default: WORLD/corpus/pretrain.jsonl
+    sft_train: list[str] = field(default_factory=list)  # default: WORLD/sft/train.jsonl
+    sft_eval: list[str] = field(default_factory=list)  # default: WORLD/sft/test.jsonl
+    prompts: list[str] = field(default_factory=list)  # RLHF prompts; `batch` = weekly batch (default: WORLD/prompts/train.jsonl)
+    test_prompts: list[str] = field(default_factory=list)  # held-out prompts per batch (default: WORLD/prompts/test_batch*.jsonl)
+    eval_prompts: list[str] = field(default_factory=list)  # never trained on (default: WORLD/prompts/eval.jsonl)
+    extra_preferences: list[str] = field(default_factory=list)  # e.g. open-source pairs; default: WORLD offline pairs
+    # models you can bring instead of training them
+    base_model: str = ""  # skip pretraining: start SFT from this checkpoint (native/HF/Meta/GGUF)
+    tokenizer: str = ""  # use this tokenizer instead of training one on the corpus
+    helpfulness_rm: str = ""  # skip reward-model training: use these reward models for every version
+    safety_rm: str = ""
+    # each stage's settings: overrides of the stage recipe's config (see configs/<stage>/)
+    pretrain: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    reward: dict = field(default_factory=dict)
+    rejection_sampling: dict = field(default_factory=dict)
+    ppo: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------- plan and checks
+
+
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    names = ["world", "pretrain", "sft"]
+    for v in range(1, cfg.versions + 1):
+        names += [f"v{v}.annotate", f"v{v}.reward", f"v{v}.rejection_sampling"]
+        if cfg.ppo_from_version and v >= cfg.ppo_from_version:
+            names.append(f"v{v}.ppo")
+        names.append(f"v{v}.eval")
+    if cfg.control:
+        names += ["control", "control.eval"]
+    return names + ["summary"]
+
+
+class Run:
+    """Paths of one pipeline run and its record of finished stages."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.out_dir)
+        self.world = self.root / "world"
+        self.state_file = self.root / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {"done": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["done"]
+
+    def output(self, stage: str, key: str = "model"):
+        return self.state["done"][stage][key]
+
+    def finish(self, stage: str, outputs: dict, seconds: float) -> None:
+        self.state["done"][stage] = {**outputs, "seconds": round(seconds, 1)}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+    def forget_from(self, stage: str, order: list[str]) -> None:
+        """--from-stage: this stage and every later one run again, from scratch."""
+        if stage not in order:
+            raise ConfigError(f"--from-stage: unknown stage {stage!r}; stages: {', '.join(order)}")
+        for name in order[order.index(stage):]:
+            self.state["done"].pop(name, None)
+            shutil.rmtree(self.stage_dir(name), ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(self.state, indent=2) + "\n")
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage == "world":
+            return self.world
+        if stage == "summary":
+            return self.root / "summary"
+        return self.root.joinpath(*stage.split("."))
+
+    # -- data paths (built-in world unless given)
+    def files(self, given: list[str], *default: str) -> list[str]:
+        if given:
+            return list(given)
+        return [str(p) for pattern in default for p in sorted(self.world.glob(pattern))] or \
+            [str(self.world / d) for d in default]
+
+
+def _exists(path: str, what: str) -> None:
+    if path and path != "grader" and not Path(path).exists():
+        raise ConfigError(f"{what}: {path} does not exist")
+
+
+def check(cfg: PipelineConfig) -> None:
+    """Everything that can be checked before work starts: stage configs and the files they name."""
+    from llama2.recipes.evaluate import EvaluateConfig
+    from llama2.recipes.ppo import PPOConfig
+    from llama2.recipes.pretrain import PretrainConfig
+    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
+    from llama2.recipes.reward_model import RewardConfig
+    from llama2.recipes.sft import SFTConfig
+
+    if cfg.versions < 1:
+        raise ConfigError("versions: at least one RLHF version is needed")
+    for name, cls in [("pretrain", PretrainConfig), ("sft", SFTConfig), ("reward", RewardConfig),
+                      ("rejection_sampling", RejectionSamplingConfig), ("ppo", PPOConfig),
+                      ("evaluate", EvaluateConfig)]:
+        from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
+    for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
+                "extra_preferences"):
+        for p in getattr(cfg, key):
+            _exists(p, key)
+    for key in ("base_model", "tokenizer", "helpfulness_rm", "safety_rm"):
+        _exists(getattr(cfg, key), key)
+    if bool(cfg.helpfulness_rm) != bool(cfg.safety_rm) and not cfg.helpfulness_rm:
+        raise ConfigError("safety_rm given without helpfulness_rm")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_world(run: Run, cfg: PipelineConfig) -> dict:
+    from llama2.world.generate import generate_world
+
+    if not (run.world / "manifest.json").is_file():
+        generate_world(run.world, seed=cfg.world_seed, size=cfg.world_size)
+    return {"dir": str(run.world)}
+
+
+def stage_pretrain(run: Run, cfg: PipelineConfig, out: Path, resume: bool) -> dict:
+    from llama2.recipes.pretrain import PretrainConfig, main
+
+    if cfg.base_model:
+        return {"model": cfg.base_model, "skipped": "base_model given"}
+    pc = from_dict(PretrainConfig, {**cfg.pretrain, "out_dir": str(out), "seed": cfg.seed, "device": cfg.device,
+                                    "data": {**cfg.pretrain.get("data", {}),
+                                             "corpus": run.files(cfg.pretrain_corpus, "corpus/pretrain.jsonl"),
+                                             **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})}},
+                   "pipeline.pretrain")
+    main(pc, resume=resume)
+    return {"model": str(out / "final")}
+
+
+def stage_sft(run: Run, cfg: PipelineConfig, out: Path, resume: bool, model: str, extra: dict | None = None) -> dict:
+    from llama2.recipes.sft import SFTConfig, main
+
+    over = {**cfg.sft, **(extra or {})}
+    pretrain_tokens = run.root / "pretrain" / "tokens"
+    if over.get("pretrain_mix", 0) > 0 and not over.get("pretrain_data") and pretrain_tokens.is_dir():
+        over["pretrain_data"] = str(pretrain_tokens)
+    sc = from_dict(SFTConfig, {**over, "out_dir": str(out), "model": model, "seed": cfg.seed, "device": cfg.device,
+                               "train_data": run.files(cfg.sft_train, "sft/train.jsonl"),
+                               "eval_data": run.files(cfg.sft_eval, "sft/test.jsonl")}, "pipeline.sft")
+    main(sc, resume=resume)
+    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
+    return {"model": str(out / "final"), "steps": steps}
+
+
+def _batch_prompts(run: Run, cfg: PipelineConfig, version: int) -> tuple[list[dict], list[dict]]:
+    """The weekly batch's prompts and its held-out test prompts (batches cycle if there are fewer)."""
+    from llama2.world.formats import read_records
+
+    train = [r for p in run.files(cfg.prompts, "prompts/train.jsonl") for r in read_records(p, "prompts")
+             if r["split"] == "train"]
+    batches = sorted({r["batch"] for r in train if r.get("batch") is not None}) or [None]
+    b = batches[(version - 1) % len(batches)]
+    mine = [r for r in train if r.get("batch") == b]
+    tests = [r for p in run.files(cfg.test_prompts, "prompts/test_batch*.jsonl") for r in read_records(p, "prompts")]
+    tests = [r for r in tests if r.get("batch") in (b, None)] or tests
+    if cfg.annotate.prompts_per_batch:
+        mine = mine[: cfg.annotate.prompts_per_batch]
+        tests = tests[: max(1, cfg.annotate.prompts_per_batch // 4)]
+    return mine, tests
+
+
+def stage_annotate(run: Run, cfg: PipelineConfig, out: Path, version: int, policies: list[str]) -> dict:
+    """A weekly batch (§3.2.1): two answers per prompt from two (model variant, temperature) arms,
+    judged by the simulated annotators; test prompts give the batch's held-out pairs."""
+    from llama2.sampling import sample_responses
+    from llama2.world.annotators import AnnotatorConfig, annotate_batch
+    from llama2.world.formats import write_jsonl
+
+    records, tests = _batch_prompts(run, cfg, version)
+    for r in tests:
+        r["split"] = "test"
+    variants = policies[: max(1, cfg.annotate.variants)]
+
+    def sample_fn(batch_records, model_path, temperature):
+        return sample_responses(model_path, batch_records, temperature, cfg.seed + version,
+                                cfg.annotate.max_new_tokens)
+
+    pairs, stats = annotate_batch(records + tests, sample_fn, variants=variants, temperatures=cfg.annotate.temperatures,
+                                  batch=version, seed=cfg.seed + version, config=AnnotatorConfig(noise=cfg.annotate.noise),
+                                  source=f"simulated:v{version}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"batch{version}.jsonl"
+    write_jsonl(path, pairs)
+    (out / "stats.json").write_text(json.dumps(stats.summary(), indent=2) + "\n")
+    return {"pairs": str(path), "count": len(pairs)}
+
+
+def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, model: str) -> dict:
+    """Both reward models, retrained on every batch so far plus the extra (open-source-like) pairs."""
+    from llama2.recipes.reward_model import RewardConfig, main
+
+    if cfg.helpfulness_rm:
+        return {"helpfulness": cfg.helpfulness_rm, "safety": cfg.safety_rm or cfg.helpfulness_rm,
+                "skipped": "reward models given"}
+    batches = [run.output(f"v{v}.annotate", "pairs") for v in range(1, version + 1)]
+    extra = run.files(cfg.extra_preferences, "preferences/offline_train.jsonl")
+    held_out = [] if cfg.extra_preferences else run.files([], "preferences/offline_test.jsonl")
+    outputs = {}
+    for objective in ("helpfulness", "safety"):
+        d = out.parent / f"reward_{objective}"
+        rc = from_dict(RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
+                                      "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
+                                      "device": cfg.device}, "pipeline.reward")
+        main(rc, resume=resume and (d / "checkpoints").is_dir())
+        outputs[objective] = str(d / "final")
+    return outputs
+
+
+def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,
+                             rms: dict) -> dict:
+    from llama2.recipes.rejection_sampling import RejectionSamplingConfig, main
+
+    pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
+    over = dict(cfg.rejection_sampling)
+    rc = from_dict(RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,
+                                             "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
+                                             "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
+                                             "pool_from": pools, "seed": cfg.seed + version, "device": cfg.device},
+                   "pipeline.rejection_sampling")
+    main(rc, resume=resume)
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+    steps = sum(1 for p in out.glob("iter-*/sft/metrics.jsonl") for _ in open(p))
+    return {"model": str((out / "final").resolve()), "steps": steps, "stats": stats}
+
+
+def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str, rms: dict) -> dict:
+    from llama2.recipes.ppo import PPOConfig, main
+
+    pc = from_dict(PPOConfig, {**cfg.ppo, "out_dir": str(out), "policy": policy,
+                               "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
+                               "eval_prompts": run.files(cfg.test_prompts, "prompts/test_batch*.jsonl"),
+                               "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
+                               "seed": cfg.seed + version, "device": cfg.device}, "pipeline.ppo")
+    main(pc, resume=resume and (out / "checkpoints").is_dir())
+    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
+    return {"model": str(out / "final"), "steps": steps}
+
+
+def stage_eval(run: Run, cfg: PipelineConfig, out: Path, model: str, baselines: list[str], rms: dict) -> dict:
+    from llama2.recipes.evaluate import EvaluateConfig, evaluate, summary_lines
+
+    ec = from_dict(EvaluateConfig, {**cfg.evaluate, "out_dir": str(out), "model": model, "baselines": baselines,
+                                    "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"),
+                                    "helpfulness_rm": rms.get("helpfulness", ""), "safety_rm": rms.get("safety", ""),
+                                    "seed": cfg.seed}, "pipeline.evaluate")
+    result = evaluate(ec)
+    for line in summary_lines(result):
+        print(f"[pipeline]   {line}", flush=True)
+    return {"eval": str(out / "eval.json")}
+
+
+def summarize(run: Run, cfg: PipelineConfig) -> dict:
+    final_v = cfg.versions
+    summary = {"run": str(run.root), "final_model": run.output(f"v{final_v}.eval", "model_path"),
+               "sft_model": run.output("sft"), "seconds": {k: v.get("seconds") for k, v in run.state["done"].items()}}
+    summary["versions"] = {}
+    for v in range(1, final_v + 1):
+        ev = json.loads(Path(run.output(f"v{v}.eval", "eval")).read_text())
+        summary["versions"][f"v{v}"] = {
+            "helpfulness": ev["model"]["helpfulness"],
+            "violation_rate": ev["model"].get("safety", {}).get("violation_rate"),
+            "false_refusal_helpful": ev["model"]["false_refusal_helpful"],
+            "false_refusal_borderline": ev["model"]["false_refusal_borderline"],
+            "win_rate_vs_sft": ev["vs_baseline0"],
+        }
+    last = json.loads(Path(run.output(f"v{final_v}.eval", "eval")).read_text())
+    summary["sft"] = {k: last["baseline0"][k] for k in ("helpfulness", "false_refusal_helpful", "false_refusal_borderline")}
+    summary["sft"]["violation_rate"] = last["baseline0"].get("safety", {}).get("violation_rate")
+    if cfg.control and run.done("control.eval"):
+        ctrl = json.loads(Path(run.output("control.eval", "eval")).read_text())
+        summary["final_vs_control"] = ctrl["vs_baseline0"]
+        summary["control"] = {"helpfulness": ctrl["baseline0"]["helpfulness"],
+                              "violation_rate": ctrl["baseline0"].get("safety", {}).get("violation_rate")}
+    return summary
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def main(cfg: PipelineConfig, resume: bool = True, from_stage: str | None = None) -> int:
+    check(cfg)
+    run = Run(cfg)
+    order = stage_names(cfg)
+    if from_stage:
+        run.forget_from(from_stage, order)
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.root / "config.yaml")
+    t_all = time.time()
+    for i, stage in enumerate(order):
+        if run.done(stage):
+            continue
+        out = run.stage_dir(stage)
+        interrupted = out.exists()
+        print(f"[pipeline] stage {i + 1}/{len(order)}: {stage}" + (" (resuming)" if interrupted else ""), flush=True)
+        t0 = time.time()
+        outputs = run_stage(run, cfg, stage, out, interrupted)
+        run.finish(stage, outputs, time.time() - t0)
+        print(f"[pipeline] {stage} done in {time.time() - t0:.0f}s", flush=True)
+    from llama2.report import write_report
+
+    report = write_report(run.root)
+    summary = json.loads((run.root / "summary.json").read_text())
+    final = summary["final_model"]
+    print(f"[pipeline] finished in {time.time() - t_all:.0f}s (this session)")
+    print(f"[pipeline] report: {report}")
+    print(f"[pipeline] chat with the result: llama2 chat --model {final}")
+    return 0
+
+
+def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool) -> dict:
+    sft_model = run.output("sft") if run.done("sft") else None
+    if stage == "world":
+        return stage_world(run, cfg)
+    if stage == "pretrain":
+        return stage_pretrain(run, cfg, out, resume)
+    if stage == "sft":
+        return stage_sft(run, cfg, out, resume, run.output("pretrain"))
+    if stage == "control":
+        # as many more optimizer steps of SFT data as the RLHF stages took, from the SFT model
+        extra = sum(run.state["done"][s].get("steps", 0) for s in run.state["done"]
+                    if s.endswith((".rejection_sampling", ".ppo")))
+        sft_steps = max(1, run.state["done"]["sft"].get("steps", 1))
+        epochs = from_dict(_sft_cls(), cfg.sft, "pipeline.sft").epochs
+        return {**stage_sft(run, cfg, out, resume, sft_model, {"epochs": epochs * extra / sft_steps}),
+                "matched_steps": extra}
+    if stage == "control.eval":
+        final = run.output(f"v{cfg.versions}.eval", "model_path")
+        return stage_eval(run, cfg, out, final, [run.output("control"), sft_model], _rms(run, cfg.versions))
+    if stage == "summary":
+        summary = summarize(run, cfg)
+        (run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return {"summary": str(run.root / "summary.json")}
+    version, step = stage.split(".")
+    v = int(version[1:])
+    latest = _latest_policy(run, v)
+    if step == "annotate":
+        previous = _latest_policy(run, v - 1) if v > 1 else None
+        policies = [latest] + ([previous] if previous and previous != latest else [])
+        return stage_annotate(run, cfg, out, v, policies)
+    if step == "reward":
+        return stage_reward(run, cfg, out, resume, v, latest)
+    if step == "rejection_sampling":
+        return stage_rejection_sampling(run, cfg, out, resume, v, latest, _rms(run, v))
+    if step == "ppo":
+        return stage_ppo(run, cfg, out, resume, v, run.output(f"v{v}.rejection_sampling"), _rms(run, v))
+    if step == "eval":
+        model = run.output(f"v{v}.ppo") if run.done(f"v{v}.ppo") else run.output(f"v{v}.rejection_sampling")
+        return {**stage_eval(run, cfg, out, model, [sft_model], _rms(run, v)), "model_path": model}
+    raise ConfigError(f"unknown stage {stage!r}")
+
+
+def _sft_cls():
+    from llama2.recipes.sft import SFTConfig
+
+    return SFTConfig
+
+
+def _rms(run: Run, version: int) -> dict:
+    return {k: run.output(f"v{version}.reward", k) for k in ("helpfulness", "safety")}
+
+
+def _latest_policy(run: Run, version: int) -> str:
+    """The newest chat model before version `version`'s training: the previous version's, else SFT."""
+    for v in range(version - 1, 0, -1):
+        for stage in (f"v{v}.ppo", f"v{v}.rejection_sampling"):
+            if run.done(stage):
+                return run.output(stage)
+    return run.output("sft")
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llama2 pipeline", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides use dotted keys, e.g. versions=2 sft.epochs=1.")
+    p.add_argument("--config", help="YAML file (configs/pipeline/tiny.yaml for the built-in CPU run)")
+    p.add_argument("--from-stage", help="rerun from this stage (see --list-stages)")
+    p.add_argument("--list-stages", action="store_true", help="print the stages of this configuration and exit")
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    cfg = load_config(PipelineConfig, a.config, a.overrides)
+    if a.list_stages:
+        print("\n".join(stage_names(cfg)))
+        return 0
+    if a.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    return main(cfg, from_stage=a.from_stage)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -1,0 +1,229 @@
+"""`llama2 report RUN_DIR`: one self-contained HTML page with the plots of a pipeline run.
+
+It reads what the stages wrote (metrics.jsonl files, reward-model evaluations, best-of-N curves,
+rejection-sampling stats, evaluations per RLHF version) and draws what the paper draws: training
+losses, reward-model accuracy by rating (Tables 7–8), best-of-N max/median curves (Figures 7–8),
+reward distributions per version (Figure 20-style), and the win-rate evolution (Figure 11).
+Plots are embedded as PNG data URIs, so the page can be mailed or opened offline.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better/unsure")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _versions(run: Path) -> list[Path]:
+    return sorted((p for p in run.glob("v[0-9]*") if p.is_dir()), key=lambda p: int(p.name[1:]))
+
+
+def plot_losses(run: Path):
+    import matplotlib.pyplot as plt
+
+    stages = [("pretrain", run / "pretrain" / "metrics.jsonl"), ("sft", run / "sft" / "metrics.jsonl"),
+              ("control (extra SFT)", run / "control" / "metrics.jsonl")]
+    stages += [(f"{v.name} rejection-sampling SFT", v / "rejection_sampling" / "sft" / "metrics.jsonl")
+               for v in _versions(run)]
+    series = [(name, rows) for name, path in stages if (rows := _jsonl(path))]
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], series):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", ms=3, label="held-out")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss")
+    return _png(fig)
+
+
+def _rating_accuracy(ev: dict) -> dict[str, dict[str, float]]:
+    """{test set: {rating: accuracy}} from a reward-model evaluation file (tolerant of layout)."""
+    out = {}
+    sets = ev.get("test_sets") or ev.get("per_test_set") or {}
+    for name, res in sets.items():
+        by = res.get("by_rating") or res.get("per_rating") or {}
+        out[name] = {r: (by[r]["accuracy"] if isinstance(by.get(r), dict) else by.get(r)) for r in RATINGS if r in by}
+    return out
+
+
+def plot_reward_accuracy(run: Path):
+    import matplotlib.pyplot as plt
+
+    evals = []
+    for v in _versions(run):
+        for axis in ("helpfulness", "safety"):
+            ev = _json(v / f"reward_{axis}" / "eval" / "eval.json")
+            if ev:
+                evals.append((f"{v.name} {axis} RM", _rating_accuracy(ev)))
+    if not evals:
+        return None
+    fig, axes = plt.subplots(1, len(evals), figsize=(3.6 * len(evals), 3), squeeze=False)
+    for ax, (name, table) in zip(axes[0], evals):
+        for test_set, acc in table.items():
+            ax.plot(range(len(acc)), [acc[r] for r in RATINGS if r in acc], "o-", label=test_set)
+        ax.set_xticks(range(4), ["signif.", "better", "slightly", "neglig."], fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+        ax.set_ylim(0.3, 1.02)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("accuracy")
+    return _png(fig)
+
+
+def plot_best_of_n(run: Path):
+    import matplotlib.pyplot as plt
+
+    curves = [(v.name, bon) for v in _versions(run) if (bon := _json(v / "best_of_n" / "best_of_n.json"))]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    for ax, (name, bon) in zip(axes[0], curves):
+        for temp, c in sorted(bon.get("curves", {}).items(), key=lambda kv: float(kv[0])):
+            n = c.get("n") or list(range(1, len(c["max"]) + 1))
+            line, = ax.plot(n, c["max"], lw=1.2, label=f"T={float(temp):g} max")
+            ax.plot(n, c["median"], lw=1, ls="--", color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("N samples")
+        ax.set_title(f"{name}: max (solid) vs median (dashed)", fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("reward")
+    return _png(fig)
+
+
+def plot_reward_distributions(run: Path):
+    import matplotlib.pyplot as plt
+
+    dists = []
+    for v in _versions(run):
+        ev = _jsonl(v / "eval" / "answers.jsonl")
+        if ev:
+            dists.append((v.name, [r.get("model_grade", 0.0) for r in ev]))
+    sft = _jsonl((_versions(run) or [run])[0] / "eval" / "answers.jsonl")
+    if sft:
+        dists.insert(0, ("SFT", [r.get("baseline0_grade", 0.0) for r in sft]))
+    if not dists:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist([d for _, d in dists], bins=10, range=(0, 1), label=[n for n, _ in dists], histtype="step", lw=1.5)
+    ax.set_xlabel("grader helpfulness of the answer")
+    ax.set_ylabel("prompts")
+    ax.set_title("score distribution per version (evaluation prompts)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def win_rates(run: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for v in _versions(run):
+        ev = _json(v / "eval" / "eval.json")
+        if ev:
+            rows.append((v.name, ev))
+    return rows
+
+
+def plot_win_rates(run: Path):
+    import matplotlib.pyplot as plt
+
+    rows = win_rates(run)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for judge, style in (("graders", "o-"), ("reward_models", "s--")):
+        pts = [(name, ev["vs_baseline0"][judge]) for name, ev in rows if judge in ev.get("vs_baseline0", {})]
+        if pts:
+            xs = range(len(pts))
+            ax.errorbar(xs, [w["win_rate"] for _, w in pts],
+                        yerr=[[w["win_rate"] - w["ci95"][0] for _, w in pts], [w["ci95"][1] - w["win_rate"] for _, w in pts]],
+                        fmt=style, capsize=3, label=f"judged by {judge.replace('_', ' ')}")
+            ax.set_xticks(list(xs), [n for n, _ in pts])
+    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate vs SFT")
+    ax.set_title("RLHF versions vs the SFT model (Figure 11)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(c) -> str:
+    return f"{c:.3f}" if isinstance(c, float) else str(c)
+
+
+def write_report(run: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory")
+    out = Path(out) if out else run / "report.html"
+    parts = [f"<h1>Llama 2 recipe run: {html.escape(str(run))}</h1>"]
+    summary = _json(run / "summary.json")
+    if summary:
+        parts.append("<h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
+    rows = []
+    for name, ev in win_rates(run):
+        m = ev["model"]
+        g = ev.get("vs_baseline0", {}).get("graders", {})
+        rows.append([name, m["helpfulness"], m.get("safety", {}).get("violation_rate", float("nan")),
+                     m["false_refusal_helpful"], m["false_refusal_borderline"], g.get("win_rate", float("nan")),
+                     f"[{g.get('ci95', [0, 0])[0]:.3f}, {g.get('ci95', [0, 0])[1]:.3f}]", g.get("tie_rate", float("nan"))])
+    if rows:
+        parts.append("<h2>Evaluation per version</h2>" + _table(
+            rows, ["version", "helpfulness", "violation rate", "false refusal (helpful)", "false refusal (borderline)",
+                   "win rate vs SFT (graders)", "95% CI", "ties"]))
+    for title, fn in [("Training losses", plot_losses), ("Reward-model accuracy by rating (Tables 7–8)", plot_reward_accuracy),
+                      ("Best-of-N (Figures 7–8)", plot_best_of_n), ("Reward distributions per version", plot_reward_distributions),
+                      ("Win rate per version (Figure 11)", plot_win_rates)]:
+        img = fn(run)
+        if img:
+            parts.append(f"<h2>{title}</h2><img src='{img}'>")
+    style = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+             "img{max-width:100%}</style>")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>llama2 report</title>{style}</head>"
+                   f"<body>{''.join(parts)}</body></html>\n")
+    return out
+
+
+def report_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llama2 report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    a = p.parse_args(argv)
+    path = write_report(a.run_dir, a.out)
+    print(f"[report] {path}")
+    return 0
