@@ -237,14 +237,12 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        # One product for q|k|v: the weights are concatenated per call (a 1.7 MB copy for the 20M
-        # benchmark model) and autograd splits the gradient back into the three parameters.
-        wqkv = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = linear(x, wqkv).split([nq, nkv, nkv], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        # Three products, not one on torch.cat([wq, wk, wv]): fusing at compute time (and w1|w3 below)
+        # bought nothing measurable in a training step of the 20M benchmark model (0.96-1.04x over
+        # alternating rounds), the concatenation and the gradient split eating what it saves.
+        q = linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim)
+        k = linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
+        v = linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if cache is not None:
@@ -265,8 +263,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        gate, up = linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w2.weight)  # SwiGLU
+        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
