@@ -84,9 +84,9 @@ class PackedModel:
     Measured on a 2-core CPU with SmolLM2-135M: a (1, in) @ (in, out) product streams the weight
     about 1.4x faster than F.linear's (out, in) layout (the (576 x 49152) head: 6.5 ms, as fast as
     summing the weight, vs 11 ms), and fusing wq|wk|wv and w1|w3 halves the number of matmuls per
-    layer. Decoding at batch 1 is memory-bound, so this is where the time goes. From 8 rows on
+    layer. Decoding at batch 1 is memory-bound, so this is where the time goes. From 2 rows on
     (batched decoding, prefill) `linear` hands the same weights, seen as (out, in), to oneDNN, which
-    is 2-3x faster there than MKL in either layout. The copy costs one extra set of weights; the
+    is 1.4-2x faster there than MKL (see model._ONEDNN_MIN_ROWS). The copy costs one extra set of weights; the
     embedding table is shared, not copied.
     """
 

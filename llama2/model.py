@@ -153,11 +153,11 @@ def _onednn_linear_op():
 
 _ONEDNN_LINEAR = _onednn_linear_op()
 # Rows (tokens) from which oneDNN beats MKL. Measured on the 2-core Zen 4 (AVX-512) this project
-# runs on: MKL's sgemm runs about 1.3x slower than oneDNN at training shapes, e.g.
-# (2048x384)·(384x1024) 43 ms oneDNN vs 64 ms MKL, and 2-3x slower at batch-16 decoding,
-# (16x576)·(576x49152) 29 ms vs 70 ms; but at 1-4 rows oneDNN's per-call setup costs more than the
-# product, (1x576)·(576x960) 0.36 ms vs 0.05 ms.
-_ONEDNN_MIN_ROWS = 8
+# runs on: at training shapes MKL's sgemm is up to 1.3x slower, e.g. (2048x384)·(384x1024) 15.7 ms
+# oneDNN vs 21.2 ms MKL; in decoding SmolLM2-135M, the products of one step take 29 / 40 / 71 ms
+# (oneDNN, 2 / 4 / 12 rows) vs 40 / 57 / 144 ms (MKL); but a single row is MKL's: 17 ms vs 29 ms,
+# oneDNN's per-call setup costing more than the product.
+_ONEDNN_MIN_ROWS = 2
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
