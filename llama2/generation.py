@@ -86,8 +86,8 @@ class PackedModel:
     summing the weight, vs 11 ms), and fusing wq|wk|wv and w1|w3 halves the number of matmuls per
     layer. Decoding at batch 1 is memory-bound, so this is where the time goes. From 2 rows on
     (batched decoding, prefill) `linear` hands the same weights, seen as (out, in), to oneDNN, which
-    is 1.4-2x faster there than MKL (see model._ONEDNN_MIN_ROWS). The copy costs one extra set of weights; the
-    embedding table is shared, not copied.
+    is 1.4-2x faster there than MKL (see model._ONEDNN_MIN_ROWS). The copy costs one extra set of
+    weights; the embedding table is shared, not copied.
     """
 
     def __init__(self, model: Transformer):
