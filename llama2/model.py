@@ -188,11 +188,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ w.T with w (out, in): nn.Linear's product, through oneDNN where that is faster.
 
     w may also be the transpose of a contiguous (in, out) matrix (PackedModel's decoding layout):
-    then the few-row path is `x @ w_t`, the fastest streaming of the weight at batch 1.
+    then the single-row path is `x @ w_t`, the fastest streaming of the weight at batch 1.
     """
     if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and w.dtype == torch.float32 and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
-            and (w.is_contiguous() or w.t().is_contiguous()) and not torch.compiler.is_compiling()):
+            and (w.is_contiguous() or w.t().is_contiguous()) and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()):
         return _OneDNNLinear.apply(x, w)
     return F.linear(x, w)
 

@@ -178,3 +178,5 @@ def test_onednn_linear_forward_and_gradients_match_f_linear():
             assert (grads[0][0] - grads[1][0]).abs().max().item() < 1e-4
             assert (grads[0][1] - grads[1][1]).abs().max().item() < 1e-4
             assert outs[0].grad_fn.name().startswith("_OneDNNLinear") == (batch * rows >= model_module._ONEDNN_MIN_ROWS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for F.linear
+        assert linear(torch.randn(40, 32), w).dtype == torch.bfloat16
