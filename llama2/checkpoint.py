@@ -294,12 +294,29 @@ def meta_to_hf_name(name: str) -> str:
     return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
 
 
+# A reward model travels as a sequence classifier with one label: its `score` layer is our scalar
+# head (§3.2.2), read at the last token that is not padding.
+_HF_CLASSIFIERS = ("LlamaForSequenceClassification", "MistralForSequenceClassification")
+
+
+def _hf_head(cfg: dict, source: str) -> str:
+    """'lm' or 'scalar' for a transformers config; multi-label classifiers are refused."""
+    if not any(a in _HF_CLASSIFIERS for a in cfg.get("architectures") or []):
+        return "lm"
+    labels = len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else cfg.get("num_labels", 2)
+    if labels != 1:
+        raise CheckpointError(f"{source}: a sequence classifier with {labels} labels; a reward model has 1")
+    return "scalar"
+
+
 def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     if cfg.get("model_type") not in (None, "llama", "mistral") or (
-        cfg.get("architectures") and not any(a in ("LlamaForCausalLM", "MistralForCausalLM") for a in cfg["architectures"])
+        cfg.get("architectures") and not any(a in ("LlamaForCausalLM", "MistralForCausalLM", *_HF_CLASSIFIERS)
+                                             for a in cfg["architectures"])
     ):
         raise CheckpointError(f"{source}: not a Llama checkpoint (model_type={cfg.get('model_type')!r}, "
                               f"architectures={cfg.get('architectures')})")
+    head = _hf_head(cfg, source)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
@@ -323,6 +340,7 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head=head,
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
@@ -364,7 +382,11 @@ def read_hf(path: Path) -> Loaded:
     args = args_from_hf_config(cfg, str(cfg_file))
     state, unknown = {}, []
     for name, t in _read_hf_tensors(path).items():
-        meta = hf_to_meta_name(name)
+        if args.head == "scalar" and name in ("score.weight", "lm_head.weight"):
+            # the classifier's score layer is our scalar head; a classifier has no lm_head
+            meta = "output.weight" if name == "score.weight" else None
+        else:
+            meta = hf_to_meta_name(name)
         if meta is None:
             if name.endswith("rotary_emb.inv_freq"):  # older exports stored this buffer
                 continue
@@ -385,7 +407,7 @@ def read_hf(path: Path) -> Loaded:
 def hf_config(args: ModelArgs, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict:
     """A transformers LlamaConfig dict (written for both transformers 4.x and 5.x readers)."""
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": ["LlamaForSequenceClassification" if args.head == "scalar" else "LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
@@ -409,6 +431,14 @@ def hf_config(args: ModelArgs, tokenizer=None, dtype: torch.dtype = torch.float3
         cfg["eos_token_id"] = tokenizer.eos_id
         if tokenizer.pad_id is not None:
             cfg["pad_token_id"] = tokenizer.pad_id
+    if args.head == "scalar":
+        # One label, and a pad id that never ends a real sequence: transformers reads the score
+        # at the rightmost token that is not padding, which must be the answer's EOS/end of turn.
+        cfg.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type="regression")
+        if tokenizer is not None:
+            from llama2.reward import pad_token_id
+
+            cfg["pad_token_id"] = pad_token_id(tokenizer)
     return cfg
 
 
@@ -425,7 +455,8 @@ def save_hf(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor]
             t = meta_to_hf_qk(t, args.n_heads)
         elif name.endswith("attention.wk.weight"):
             t = meta_to_hf_qk(t, args.n_kv_heads)
-        hf_state[meta_to_hf_name(name)] = (t.to(dtype) if dtype else t).contiguous().cpu()
+        hf_name = "score.weight" if args.head == "scalar" and name == "output.weight" else meta_to_hf_name(name)
+        hf_state[hf_name] = (t.to(dtype) if dtype else t).contiguous().cpu()
     out_dtype = dtype or next(iter(state.values())).dtype
     tmp = _atomic_dir(out_dir)
     try:

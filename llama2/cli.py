@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("llama2.checkpoint:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
     "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
+    "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
     "rlhf": ("llama2.recipes.rlhf:cli", "RLHF: rejection-sampling, best-of-n, ppo"),
     "data": ("llama2.data:data_cli", "data tools: pretokenize, info, validate"),
     "pipeline": ("llama2.recipes.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
