@@ -5,7 +5,8 @@ One step = forward + next-token cross-entropy + backward + gradient clipping (1.
 for both). Ours is `llama2.model.Transformer` + `lm_loss` + `build_optimizer`; theirs is
 `LlamaForCausalLM(input_ids, labels)` with the same config and `torch.optim.AdamW`. Both start
 from the same weights and see the same batch; the first losses are printed side by side.
-Timings alternate ours/theirs over `--rounds` rounds of `--steps` steps; medians are reported.
+Timings alternate ours/theirs over `--rounds` rounds of `--steps` steps; tokens/s are medians and
+the ratio is the median of the per-round ratios (robust to the shared machine's drift).
 
 MFU = tokens/s x ModelArgs.flops_per_token(T) / peak. On CPU the peak is measured in this run:
 the best GFLOP/s of square fp32 matmuls (768 and 1536) with this many threads over both kernel
@@ -16,6 +17,10 @@ the datasheet dense peak (`llama2.train.peak_flops`).
 
     python benchmarks/train_step.py                       # CPU: ~20M model, seq 256, fp32, 2 threads
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --preset 1b --seq-len 4096 --batch 4
+
+With --dtype bfloat16 both models' weights, activations and optimizer states are bf16 (no master
+copy): a throughput measurement, not a training recipe. The GPU path has not been run yet (no GPU
+has been lent to this project's benchmark work so far).
 """
 from __future__ import annotations
 
@@ -85,8 +90,8 @@ def main() -> None:
     ap.add_argument("--preset", default="20m", choices=list(PRESETS))
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (8 x 256 = 2048 tokens)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
