@@ -135,3 +135,48 @@ def test_activation_checkpointing_gives_same_gradients():
     model.activation_checkpointing = True
     ckpt = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
+
+
+@pytest.mark.parametrize("name", ["gqa-untied", "gqa-tied"])
+def test_flops_per_token_matches_flop_counter(name, monkeypatch):
+    """6N + 12·L·d·T equals what torch's FLOP counter sees in one forward + backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import llama2.model as model_module
+
+    monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", None)  # the counter knows aten's matmuls only
+    model = tiny_model(**CONFIGS[name]).train()
+    B, T = 2, 16
+    tokens = torch.randint(0, 101, (B, T))
+    # SDPA's math backend, whose matmuls the counter sees (it has no formula for the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).sum().backward()
+    assert counter.get_total_flops() == model.args.flops_per_token(T) * B * T
+
+
+def test_onednn_linear_forward_and_gradients_match_f_linear():
+    import llama2.model as model_module
+    from llama2.model import linear
+
+    if model_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no usable oneDNN linear")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g, requires_grad=True)  # (out, in)
+    w_t = torch.randn(32, 48, generator=g)  # PackedModel's (in, out) storage
+    for weight in (w, w_t.t().requires_grad_(True)):
+        for batch, rows in ((1, 1), (2, 40)):  # one row (MKL), many rows (oneDNN)
+            x = torch.randn(batch, rows, 64, generator=g)[..., ::2].requires_grad_(True)  # non-contiguous input
+            up = torch.randn(batch, rows, 48, generator=g)
+            outs, grads = [], []
+            for fn in (linear, torch.nn.functional.linear):
+                y = fn(x, weight)
+                gx, gw = torch.autograd.grad(y, (x, weight), up.transpose(0, 1).contiguous().transpose(0, 1))
+                outs.append(y)
+                grads.append((gx, gw))
+            assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+            assert (grads[0][0] - grads[1][0]).abs().max().item() < 1e-4
+            assert (grads[0][1] - grads[1][1]).abs().max().item() < 1e-4
+            assert outs[0].grad_fn.name().startswith("_OneDNNLinear") == (batch * rows >= model_module._ONEDNN_MIN_ROWS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for F.linear
+        assert linear(torch.randn(40, 32), w).dtype == torch.bfloat16
