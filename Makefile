@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/llama2 demo
+	$(BIN)/llama2 pipeline --config configs/pipeline/tiny.yaml
 
 chat: setup
 	$(BIN)/llama2 chat
@@ -35,6 +35,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
