@@ -40,6 +40,7 @@ each side: equal losses show that both train on the same tokens, masks and weigh
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def trl_python(given: str | None) -> str:
     if given:
         return given
     python = TRL_VENV / "bin" / "python"
-    if not (python.exists() and subprocess.run([str(python), "-c", "import trl"], capture_output=True).returncode == 0):
+    if not (python.exists() and subprocess.run([str(python), "-c", "import trl"], check=False, capture_output=True).returncode == 0):
         import torch
 
         print(f"[bench] creating {TRL_VENV} (torch {torch.__version__.split('+')[0]} + trl 1.12.0)", flush=True)
@@ -101,10 +102,10 @@ def prepare(work: Path, a) -> dict:
     """World, tokenizer, the tiny LM (native + HF) and the rows of the first `steps` steps in our order."""
     from llama2.chat_format import ChatFormat
     from llama2.checkpoint import save_hf, save_native
+    from llama2.dialog_data import tokenize_dialogs
     from llama2.model import preset
     from llama2.recipes.common import build_fresh_model
     from llama2.recipes.sft import load_dialogs
-    from llama2.dialog_data import tokenize_dialogs
     from llama2.tokenizer import train_sentencepiece
     from llama2.world.generate import generate_world
 
@@ -124,8 +125,7 @@ def prepare(work: Path, a) -> dict:
         for _ in range(a.steps):
             batch = next(loader)
             tokens.append(non_padding(batch))
-            for b in range(a.batch):
-                f.write(json.dumps(trl_example(batch, b)) + "\n")
+            f.writelines(json.dumps(trl_example(batch, b)) + "\n" for b in range(a.batch))
     return {"dialogs": str(dialogs), "pad_id": pad, "eos_id": tok.eos_id, "vocab": tok.vocab_size,
             "steps_per_epoch": per_epoch, "tokens": tokens}
 
@@ -144,7 +144,7 @@ def run_ours(work: Path, info: dict, a) -> tuple[float, float]:
            f"micro_batch_size={a.batch}", f"epochs={epochs!r}", "packed=true", "log_every=1", "eval_every=0",
            "ckpt_every=0", f"optim.lr={LR}", "dtype=float32", "device=cpu"]
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"ours failed:\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,7 +159,12 @@ def trl_worker(a) -> None:
     import torch
     from datasets import Dataset
     from tokenizers import Tokenizer, models
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainerCallback
+    from transformers import (
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+    )
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(a.threads)
@@ -208,7 +213,7 @@ def trl_worker(a) -> None:
     trainer = cls(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tk,
                   data_collator=collate, callbacks=[Clock()])
     trainer.train()
-    times = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
+    times = [t1 - t0 for t0, t1 in itertools.pairwise(ends)]
     if len(times) != a.steps:
         sys.exit(f"trl ran {len(times)} steps, expected {a.steps}")
     print(json.dumps({"times": times, "tokens_per_s": rates(info["tokens"], times, a.warmup),
@@ -224,7 +229,7 @@ def check_packed_attention(model, row: dict) -> None:
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
         worst = max((model(input_ids=ids[:, s:e], use_cache=False).logits[0] - packed[s:e]).abs().max().item()
-                    for s, e in zip(starts, starts[1:]))
+                    for s, e in itertools.pairwise(starts))
     if len(starts) < 3 or worst > 1e-4:
         sys.exit(f"packed attention check failed: {len(starts) - 1} segments, max logit difference {worst:.2e}")
 
@@ -234,7 +239,7 @@ def run_trl(work: Path, info: dict, a, python: str, variant: str) -> tuple[float
     cmd = [python, __file__, "--trl-worker", "--variant", variant, "--work", str(work), "--info", json.dumps(info),
            "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--threads",
            str(a.threads), "--warmup", str(a.warmup)]
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"trl ({variant}) failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
