@@ -23,7 +23,7 @@ REDUCED = [
     "reward.max_steps=6", "reward.batch_size=16", "reward.micro_batch_size=16", "reward.eval_every=6",
     "rejection_sampling.max_prompts=32", "rejection_sampling.k=2", "rejection_sampling.max_new_tokens=24",
     "rejection_sampling.chunk_prompts=16", "rejection_sampling.sft.epochs=1", "rejection_sampling.sft.batch_size=8",
-    "rejection_sampling.sft.micro_batch_size=8",
+    "rejection_sampling.sft.micro_batch_size=8", "rejection_sampling.tune_prompts=4", "rejection_sampling.tune_n=4",
     "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
     "ppo.max_new_tokens=24", "ppo.eval_every=1", "ppo.eval_size=16",
     "evaluate.max_prompts=64", "evaluate.max_new_tokens=24",

@@ -1,6 +1,7 @@
 """Evaluation of chat models (Llama 2 §3.4.1, §4.4): win rates, violations, false refusals.
 
-    llama2 evaluate --config configs/evaluate/tiny.yaml model=RUN/rlhf-v3 baselines=[RUN/sft] [key=value ...]
+    llama2 evaluate model=RUN/v2/ppo/final baselines=[RUN/sft/final] prompts=[WORLD/prompts/eval.jsonl] \
+        helpfulness_rm=RUN/v2/reward_helpfulness/final safety_rm=RUN/v2/reward_safety/final out_dir=eval
 
 - Model-based evaluation (§3.4.1, Figure 11): each model answers every evaluation prompt; a judge
   scores both answers; win rate = wins / (wins + losses) with ties counted separately and a 95%
@@ -14,6 +15,7 @@ for every answer so that model comparisons are nearly deterministic.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -40,6 +42,7 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     tie_margin: float = 0.0  # grader scores closer than this count as a tie
     seed: int = 0
+    answers_cache: str = ""  # directory reusing a model's answers when model files, prompts and decoding match
 
 
 def wilson_interval(wins: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -65,8 +68,34 @@ def win_rate(a: list[float], b: list[float], tie_margin: float = 0.0) -> dict:
             "win_rate": wins / decided if decided else 0.5, "ci95": [lo, hi], "tie_rate": ties / max(len(a), 1)}
 
 
+def _answers_key(model_path: str, records: list[dict], cfg: EvaluateConfig) -> str:
+    """What the answers depend on: the model's files (path, size, mtime), the prompts and the decoding."""
+    root = Path(model_path).resolve()
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
+    ident = {"model": str(root), "files": [(str(p.relative_to(root.parent)), p.stat().st_size, p.stat().st_mtime_ns)
+                                           for p in files],
+             "prompts": [[r["id"], r["messages"]] for r in records],
+             "decoding": [cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def answer(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[str]:
-    """The model's answers to every prompt (batched; same decoding for every model)."""
+    """The model's answers to every prompt (batched; same decoding for every model). With
+    `answers_cache`, a model already evaluated on the same prompts with the same decoding (the SFT
+    baseline of every RLHF version, say) is not sampled again."""
+    cached = Path(cfg.answers_cache) / f"{_answers_key(model_path, records, cfg)}.json" if cfg.answers_cache else None
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text())
+    answers = _sample_answers(model_path, records, cfg)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(answers))
+        tmp.replace(cached)
+    return answers
+
+
+def _sample_answers(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[str]:
     from llama2.chat import load_for_inference
     from llama2.sampling import DialogSampler
 

@@ -310,7 +310,8 @@ def stage_eval(run: Run, cfg: PipelineConfig, out: Path, model: str, baselines: 
     ec = from_dict(EvaluateConfig, {**cfg.evaluate, "out_dir": str(out), "model": model, "baselines": baselines,
                                     "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"),
                                     "helpfulness_rm": rms.get("helpfulness", ""), "safety_rm": rms.get("safety", ""),
-                                    "seed": cfg.seed}, "pipeline.evaluate")
+                                    "seed": cfg.seed, "answers_cache": str(run.root / "eval_answers")},
+                   "pipeline.evaluate")
     result = evaluate(ec)
     for line in summary_lines(result):
         print(f"[pipeline]   {line}", flush=True)
