@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--compile", choices=["none", "ours", "both"], default="none",
+                    help="torch.compile each decoder block: ours only (the recipes' `compile: true`) or both sides")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -109,6 +111,12 @@ def main() -> None:
     ours.init_weights()
     theirs = hf_twin(ours, dtype).to(device).train()
     ours = ours.to(device=device, dtype=dtype).train()
+    if a.compile != "none":
+        for block in ours.layers:
+            block.compile()  # what `compile: true` does in the recipes (llama2.recipes.common.place_model)
+        if a.compile == "both":
+            for layer in theirs.model.layers:
+                layer.compile()
     opt_ours = build_optimizer(ours, OptimConfig())
     on_cuda = device.type == "cuda"
     opt_theirs = adamw(theirs, foreach=not on_cuda, fused=on_cuda)
