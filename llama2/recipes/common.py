@@ -83,6 +83,17 @@ def kill_hook(step: int, env: str = "LLAMA2_KILL_AT_STEP") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def resume_latest(ckpt, model, optimizers, cfg, keys: list[str]) -> dict:
+    """`--resume`: the latest checkpoint of `ckpt` loaded into model and optimizer(s), refused when
+    the config changed one of `keys` since it was written. Returns the checkpoint's extra state."""
+    path = ckpt.latest()
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
+    saved = ckpt.load(path, model, optimizers)
+    check_resume_compatible(saved["config"], config_dict(cfg), keys, path)
+    return saved
+
+
 def check_resume_compatible(saved: dict, current: dict, keys: list[str], where: Path) -> None:
     """Refuse to resume with a config that changes what the checkpoint was trained as."""
     for key in keys:

@@ -36,7 +36,7 @@ from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, tea
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
-from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, place_model, recipe_cli
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.rlhf_reward import GatedReward, GraderScorer
 from llama2.rollout import (
     PPOBatch,
@@ -331,12 +331,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start, best, bad_evals = 0, -math.inf, 0
     if resume:
-        path = ckpt.latest()
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
-        saved = ckpt.load(path, trained, [opt_policy, opt_value])
-        check_resume_compatible(saved["config"], config_dict(cfg), ["policy", "prompts", "batch_size",
-                                                                   "mini_batch_size", "seed", "kl_coef"], path)
+        saved = resume_latest(ckpt, trained, [opt_policy, opt_value], cfg,
+                              ["policy", "prompts", "batch_size", "mini_batch_size", "seed", "kl_coef"])
         start, best, bad_evals = saved["step"], saved["best_eval"], saved["bad_evals"]
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from llama2.checkpoint import save_native
 from llama2.config import ConfigError, save_config
 from llama2.distributed import all_reduce_mean, barrier, full_state_dict, setup, teardown
 from llama2.losses import lm_loss
-from llama2.recipes.common import (build_fresh_model, check_resume_compatible, config_dict, kill_hook,
-                                   model_args, place_model, recipe_cli)
+from llama2.recipes.common import (build_fresh_model, config_dict, kill_hook, model_args, place_model, recipe_cli,
+                                   resume_latest)
 from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
@@ -166,12 +166,7 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
-        path = ckpt.latest()
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
-        saved = ckpt.load(path, model, optimizer)
-        check_resume_compatible(saved["config"], config_dict(cfg),
-                                ["preset", "model", "batch_tokens", "data.seq_len", "seed"], path)
+        saved = resume_latest(ckpt, model, optimizer, cfg, ["preset", "model", "batch_tokens", "data.seq_len", "seed"])
         loader.load_state_dict(saved["loader"])
         start = saved["step"]
     if d.is_main:

@@ -28,7 +28,7 @@ from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.losses import MARGINS, RATINGS, ranking_loss
-from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, place_model, recipe_cli
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.reward import (OBJECTIVES, PairData, PairLoader, accuracy_report, mix_pairs, pad_token_id, pair_scores,
                            read_pairs, reward_state, tokenize_pairs)
 from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
@@ -210,12 +210,8 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
-        path = ckpt.latest()
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
-        saved = ckpt.load(path, model, optimizer)
-        check_resume_compatible(saved["config"], config_dict(cfg), ["model", "objective", "train_data", "mix", "margin",
-                                                                   "batch_size", "max_seq_len", "seed"], path)
+        saved = resume_latest(ckpt, model, optimizer, cfg, ["model", "objective", "train_data", "mix", "margin",
+                                                            "batch_size", "max_seq_len", "seed"])
         loader.load_state_dict(saved["loader"])
         start = saved["step"]
     if d.is_main:

@@ -21,7 +21,7 @@ from llama2.checkpoint import read_checkpoint, build_model, save_native
 from llama2.config import ConfigError, save_config
 from llama2.distributed import all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.losses import IGNORE, lm_loss
-from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, place_model, recipe_cli
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
@@ -140,12 +140,8 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
-        path = ckpt.latest()
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt.root}")
-        saved = ckpt.load(path, model, optimizer)
-        check_resume_compatible(saved["config"], config_dict(cfg), ["model", "train_data", "seq_len", "batch_size",
-                                                                   "seed", "packed", "last_turn_only"], path)
+        saved = resume_latest(ckpt, model, optimizer, cfg, ["model", "train_data", "seq_len", "batch_size", "seed",
+                                                            "packed", "last_turn_only"])
         loader.load_state_dict(saved["loader"])
         if pretrain is not None:
             pretrain.load_state_dict(saved["pretrain_loader"])
