@@ -37,24 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 PHASES = ("generation", "scoring", "training", "total")
-
-
-def ensure_trl_venv() -> Path:
-    """benchmarks/.venv-trl with our torch build first (so pip keeps it), then trl 1.12.0."""
-    python = TRL_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import trl.experimental.ppo"],
-                                          capture_output=True).returncode == 0:
-        return python
-    import torch
-
-    print(f"[bench] creating {TRL_VENV} (torch=={torch.__version__.split('+')[0]}, trl==1.12.0) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run(pip + ["trl==1.12.0"], check=True)
-    return python
 
 
 def prepare(work: Path, n_prompts: int, max_prompt_tokens: int) -> dict:
@@ -216,7 +199,9 @@ def main() -> int:
         return 0
 
     work = Path(a.work)
-    python = ensure_trl_venv()
+    from trl_env import trl_python  # benchmarks/trl_env.py (run as a script: its folder is on sys.path)
+
+    python = trl_python(probe="trl.experimental.ppo")
     info = prepare(work, a.batch * (a.warmup + a.iterations), a.max_prompt_tokens)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE", "LLAMA2_NO_PROGRESS": "1",
            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}

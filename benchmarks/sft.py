@@ -51,25 +51,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 VARIANTS = ("stock", "nll", "plain")
 LR = 1e-3  # the tiny pipeline's SFT lr (configs/pipeline/tiny.yaml)
-
-
-def trl_python(given: str | None) -> str:
-    """A python with trl 1.12.0 and our torch build; created under benchmarks/.venv-trl if needed."""
-    if given:
-        return given
-    python = TRL_VENV / "bin" / "python"
-    if not (python.exists() and subprocess.run([str(python), "-c", "import trl"], check=False, capture_output=True).returncode == 0):
-        import torch
-
-        print(f"[bench] creating {TRL_VENV} (torch {torch.__version__.split('+')[0]} + trl 1.12.0)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
-        subprocess.run(pip + ["trl==1.12.0"], check=True)
-    return str(python)
 
 
 def trl_example(batch: dict, b: int) -> dict:
@@ -270,6 +253,8 @@ def main() -> None:
         p.error("--warmup must be smaller than --steps")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    from trl_env import trl_python  # benchmarks/trl_env.py (run as a script: its folder is on sys.path)
+
     python = trl_python(a.trl_python)
     info = prepare(work, a)
     ours: list[float] = []
