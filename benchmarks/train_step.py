@@ -1,12 +1,17 @@
 """Training-step speed: ours vs Hugging Face transformers' LlamaForCausalLM, same weights, one run.
 
 One step = forward + next-token cross-entropy + backward + gradient clipping (1.0) + AdamW step
-(β 0.9/0.95, eps 1e-5, weight decay 0.1 on matrices, the same param groups and `foreach` kernels
-for both). Ours is `llama2.model.Transformer` + `lm_loss` + `build_optimizer`; theirs is
+(β 0.9/0.95, eps 1e-5, weight decay 0.1 on matrices, the same param groups and the fused AdamW
+kernel for both: `build_optimizer` uses it, and so does transformers' `Trainer` by default,
+`optim="adamw_torch_fused"` since torch 2.8). Ours is `llama2.model.Transformer` + `lm_loss` + `build_optimizer`; theirs is
 `LlamaForCausalLM(input_ids, labels)` with the same config and `torch.optim.AdamW`. Both start
 from the same weights and see the same batch; the first losses are printed side by side.
-Timings alternate ours/theirs over `--rounds` rounds of `--steps` steps; tokens/s are medians and
-the ratio is the median of the per-round ratios (robust to the shared machine's drift).
+Each side runs in a process of its own, as a user would run it: ours as the recipes run it (which
+includes `llama2.train.keep_freed_memory`, the malloc setting `place_model` applies on CPU),
+transformers in a stock process (`--theirs-malloc` gives it the same setting, to show how much of
+the difference that is). The parent alternates the two over `--rounds` rounds of `--steps` steps,
+the idle side blocked on a pipe; tokens/s are medians and the ratio is the median of the per-round
+ratios (robust to the shared machine's drift).
 
 MFU = tokens/s x ModelArgs.flops_per_token(T) / peak. On CPU the peak is measured in this run:
 the best GFLOP/s of square fp32 matmuls (768 and 1536) with this many threads over both kernel
@@ -28,6 +33,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -73,16 +80,107 @@ def hf_twin(model: Transformer, dtype: torch.dtype):
     return hf.to(dtype)
 
 
-def adamw(model: torch.nn.Module, foreach: bool, fused: bool):
-    """torch.optim.AdamW with build_optimizer's hyperparameters and groups (decay on matrices only)."""
+def adamw(model: torch.nn.Module):
+    """torch.optim.AdamW as transformers' Trainer builds it by default (`adamw_torch_fused`), with
+    build_optimizer's hyperparameters and groups (decay on matrices only)."""
     from llama2.train import OptimConfig
 
     c = OptimConfig()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                             foreach=None if fused else foreach, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=True)
+
+
+def worker(a: argparse.Namespace) -> None:
+    """One side of the benchmark: build model, optimizer and batch, then time steps on request.
+
+    Protocol on stdin/stdout, one JSON object per line: the worker first reports its step-1 loss,
+    then answers each `{"steps": n}` with the seconds n steps took; `{}` ends it.
+    """
+    torch.set_num_threads(a.threads)
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    from llama2.losses import lm_loss
+    from llama2.train import OptimConfig, build_optimizer, clip_grad_norm, keep_freed_memory
+
+    args = PRESETS[a.preset]
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()  # the same weights on both sides: the same seed, then HF's layout for theirs
+    ours = a.worker == "ours"
+    if (ours or a.theirs_malloc) and device.type == "cpu":
+        keep_freed_memory()  # what llama2.recipes.common.place_model does on CPU
+    if ours:
+        model = model.to(device=device, dtype=dtype).train()
+        blocks = model.layers if a.compile in ("ours", "both") else []
+        opt = build_optimizer(model, OptimConfig())
+    else:
+        model = hf_twin(model, dtype).to(device).train()
+        blocks = model.model.layers if a.compile == "both" else []
+        opt = adamw(model)
+    for block in blocks:
+        block.compile()  # what `compile: true` does in the recipes (llama2.recipes.common.place_model)
+
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g).to(device)
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+    def step() -> float:
+        if ours:
+            loss = lm_loss(model(x), y)
+        else:
+            loss = model(input_ids=x, labels=y, shift_labels=y).loss  # y is already shifted
+        loss.backward()
+        if ours:
+            clip_grad_norm(model, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    first = step()  # also the warm-up
+    step()
+    print(json.dumps({"loss": first}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if not req:
+            break
+        sync()
+        t = time.perf_counter()
+        for _ in range(req["steps"]):
+            step()
+        sync()
+        print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+
+
+class Side:
+    """A worker process of this script, driven over its stdin/stdout."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def ask(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"benchmark worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("{}\n")
+            self.proc.stdin.flush()
+            self.proc.wait()
 
 
 def main() -> None:
@@ -98,83 +196,48 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--compile", choices=["none", "ours", "both"], default="none",
                     help="torch.compile each decoder block: ours only (the recipes' `compile: true`) or both sides")
+    ap.add_argument("--theirs-malloc", action="store_true",
+                    help="give the transformers process our malloc setting too (keep_freed_memory)")
+    ap.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        return worker(a)
     torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-
-    from llama2.losses import lm_loss
-    from llama2.train import OptimConfig, build_optimizer, clip_grad_norm, matmul_peaks, peak_flops
+    from llama2.train import matmul_peaks, peak_flops
 
     args = PRESETS[a.preset]
-    torch.manual_seed(0)
-    ours = Transformer(args)
-    ours.init_weights()
-    theirs = hf_twin(ours, dtype).to(device).train()
-    ours = ours.to(device=device, dtype=dtype).train()
-    if a.compile != "none":
-        for block in ours.layers:
-            block.compile()  # what `compile: true` does in the recipes (llama2.recipes.common.place_model)
-        if a.compile == "both":
-            for layer in theirs.model.layers:
-                layer.compile()
-    opt_ours = build_optimizer(ours, OptimConfig())
-    on_cuda = device.type == "cuda"
-    opt_theirs = adamw(theirs, foreach=not on_cuda, fused=on_cuda)
-
-    g = torch.Generator().manual_seed(1)
-    seq = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g).to(device)
-    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
     T, tokens = a.seq_len, a.batch * a.seq_len
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+            if k in ("preset", "seq_len", "batch", "threads", "device", "dtype", "compile")]
+    argv += ["--theirs-malloc"] if a.theirs_malloc else []
+    ours, theirs = Side("ours", argv), Side("transformers", argv)
+    try:
+        first = (ours.read()["loss"], theirs.read()["loss"])  # each side has warmed up with 2 steps
+        print(f"{a.preset}: {args.num_params() / 1e6:.1f}M parameters ({args.num_params(False) / 1e6:.1f}M "
+              f"without embeddings), batch {a.batch} x {T} = {tokens} tokens/step, {a.dtype} on {a.device}, "
+              f"{a.threads} threads, one process per side{' (same malloc setting)' if a.theirs_malloc else ''}; "
+              f"step-1 loss ours {first[0]:.5f} | transformers {first[1]:.5f}")
+        fpt = args.flops_per_token(T)
+        print(f"{fpt / 1e6:.1f} MFLOP per token (6N + 12·L·d·T)")
+        peaks = dict.fromkeys(("mkl", "onednn"), 0.0)
 
-    def step_ours() -> float:
-        loss = lm_loss(ours(x), y)
-        loss.backward()
-        clip_grad_norm(ours, 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss.item()
+        def measure_peak() -> None:  # in this process, while both sides wait on their pipes
+            if device.type == "cpu":
+                for lib, flops in matmul_peaks().items():
+                    peaks[lib] = max(peaks[lib], flops)
 
-    def step_theirs() -> float:
-        loss = theirs(input_ids=x, labels=y, shift_labels=y).loss  # y is already shifted
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0, foreach=True)
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def timed(step) -> float:
-        if on_cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        if on_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    first = (step_ours(), step_theirs())  # also the warm-up
-    print(f"{a.preset}: {args.num_params() / 1e6:.1f}M parameters ({args.num_params(False) / 1e6:.1f}M "
-          f"without embeddings), batch {a.batch} x {T} = {tokens} tokens/step, {a.dtype} on {a.device}, "
-          f"{a.threads} threads; step-1 loss ours {first[0]:.5f} | transformers {first[1]:.5f}")
-    step_ours(), step_theirs()
-
-    fpt = args.flops_per_token(T)
-    print(f"{fpt / 1e6:.1f} MFLOP per token (6N + 12·L·d·T)")
-    peaks = dict.fromkeys(("mkl", "onednn"), 0.0)
-
-    def measure_peak() -> None:
-        if device.type == "cpu":
-            for lib, flops in matmul_peaks().items():
-                peaks[lib] = max(peaks[lib], flops)
-
-    measure_peak()
-    ours_t, theirs_t = [], []
-    for r in range(a.rounds):
-        ours_t.append(timed(step_ours))
-        theirs_t.append(timed(step_theirs))
         measure_peak()
-        print(f"  round {r + 1}: ours {a.steps * tokens / ours_t[-1]:7.0f} tok/s | "
-              f"transformers {a.steps * tokens / theirs_t[-1]:7.0f} tok/s | ratio {theirs_t[-1] / ours_t[-1]:.2f}x")
+        ours_t, theirs_t = [], []
+        for r in range(a.rounds):
+            ours_t.append(ours.ask({"steps": a.steps})["seconds"])
+            theirs_t.append(theirs.ask({"steps": a.steps})["seconds"])
+            measure_peak()
+            print(f"  round {r + 1}: ours {a.steps * tokens / ours_t[-1]:7.0f} tok/s | "
+                  f"transformers {a.steps * tokens / theirs_t[-1]:7.0f} tok/s | ratio {theirs_t[-1] / ours_t[-1]:.2f}x")
+    finally:
+        ours.close()
+        theirs.close()
     if device.type == "cpu":
         peak = max(peaks.values())
         print(f"measured fp32 matmul peak, {a.threads} threads, best over the run: "
@@ -187,7 +250,7 @@ def main() -> None:
     res = {"ours_tok_s": o_tps, "transformers_tok_s": t_tps,
            "ratio": statistics.median(t / o for o, t in zip(ours_t, theirs_t)),
            "ours_mfu": o_tps * fpt / peak, "transformers_mfu": t_tps * fpt / peak, "peak_flops": peak,
-           "flops_per_token": fpt}
+           "flops_per_token": fpt, "step1_loss": {"ours": first[0], "transformers": first[1]}}
     print(f"median: ours {o_tps:.0f} tok/s (MFU {res['ours_mfu']:.1%}) | transformers {t_tps:.0f} tok/s "
           f"(MFU {res['transformers_mfu']:.1%}) | ratio (median of rounds) {res['ratio']:.2f}x")
     if a.json:

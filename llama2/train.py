@@ -8,6 +8,7 @@ Recipes keep their loop visible and call these helpers:
   JSON train state (step, data-loader position, resolved config); resuming is exact.
 - `MetricsLogger`: a progress bar (loss, lr, tokens/s, MFU), a JSONL file, TensorBoard if installed.
 - `peak_flops`: the denominator of MFU (measured fp32 matmul peak on CPU, datasheet on GPUs).
+- `keep_freed_memory`: malloc settings that spare CPU training its page faults.
 """
 from __future__ import annotations
 
@@ -50,9 +51,35 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = any(p.is_cuda for p in decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=on_cuda or None, foreach=None if on_cuda else True)
+    # The fused kernel (one pass over parameter, gradient and both moments) on CPU as on GPU: for the
+    # 20M benchmark model it takes 16 ms per step on the 2-core CPU vs 78 ms for `foreach` and 53 ms
+    # for the per-tensor loop. It is also what transformers' Trainer uses by default (torch >= 2.8).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def keep_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep and reuse freed blocks instead of returning them to the kernel.
+
+    PyTorch's CPU allocator is plain malloc, and glibc serves blocks above 128 KiB-32 MiB (its
+    dynamic mmap threshold) with fresh `mmap`s that it unmaps on free: every activation and gradient
+    of a training step then arrives as new pages that the kernel must fault in and zero. For the
+    20M benchmark model (`benchmarks/train_step.py`) that was ~155,000 minor page faults and
+    ~0.3 s of system time per 1.5 s step; with the thresholds raised, ~4,000 and ~0.02 s, and ~5%
+    more tokens/s. (PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same reason;
+    this needs no preloaded library.) The cost: the process keeps up to `threshold` bytes of freed
+    memory mapped. Called by the recipes on CPU; a no-op off glibc or with LLAMA2_SYSTEM_MALLOC=1.
+    Returns whether the setting took effect.
+    """
+    if os.environ.get("LLAMA2_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc: leave it alone
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -19,6 +19,7 @@ import yaml
 from llama2.config import ConfigError, load_config, to_dict
 from llama2.distributed import Dist, apply_fsdp
 from llama2.model import ModelArgs, Transformer, preset
+from llama2.train import keep_freed_memory
 
 C = TypeVar("C")
 
@@ -60,6 +61,8 @@ def place_model(model: Transformer, d: Dist, param_dtype: torch.dtype, activatio
                 compile: bool = False) -> Transformer:
     """Move to the rank's device; shard with FSDP2 when distributed; optional block-wise compile."""
     model.activation_checkpointing = activation_checkpointing
+    if d.device.type == "cpu":
+        keep_freed_memory()
     if compile:
         for block in model.layers:
             block.compile()
