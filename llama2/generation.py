@@ -26,6 +26,9 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()  # token ids that end a sequence (EOS, end-of-turn)
     stop_strings: tuple[str, ...] = ()  # texts that end a sequence (cut from the output)
     ignore_eos: bool = False  # keep generating through stop ids (benchmarking)
+    # Completion.logprobs under the sampling distribution (logits / temperature) instead of the
+    # model's own (temperature 1): what PPO's ratio needs for its θ_old (llama2.rollout).
+    logprobs_at_temperature: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -36,10 +39,11 @@ class SamplingParams:
 class Completion:
     tokens: list[int]  # generated ids (without the stop token)
     text: str
-    logprobs: list[float]  # model log-probability of each generated token (temperature 1)
+    logprobs: list[float]  # log-probability of each generated token (temperature 1 unless asked otherwise)
     finish_reason: str  # "stop" (stop id or string) or "length"
     prompt_tokens: int
     stop_token: int | None = None
+    stop_logprob: float | None = None  # log-probability of stop_token, likewise
 
 
 @dataclass
@@ -59,6 +63,20 @@ class GenerationStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of unnormalised probabilities (B, V) -> (B, 1), by inverting the CDF.
+
+    One uniform number per row and a binary search in the running sum, instead of torch.multinomial,
+    which on CPU draws a random number for every vocabulary entry: for (64 x 4,096) 0.3 ms vs
+    6.2 ms, for (16 x 49,152) 0.8 ms vs 16.5 ms on the 2-core CPU, at every decoding step. u is in
+    (0, 1], so a token of probability 0 is never drawn: the search returns the first index whose
+    running sum reaches u·total, and a zero entry never raises the sum.
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token per row from logits (B, V) -> (B,)."""
     if params.greedy:
@@ -73,9 +91,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) > params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return order.gather(-1, draw(sorted_p, generator)).squeeze(-1)
+    return draw(probs, generator).squeeze(-1)
 
 
 class PackedModel:
@@ -213,15 +230,17 @@ class Generator:
         out_logprobs: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
         stop_token: list[int | None] = [None] * B
+        stop_logprob: list[float | None] = [None] * B
+        lp_temperature = params.temperature if params.logprobs_at_temperature and not params.greedy else 1.0
         rows = torch.arange(B)  # original row index of each live row in the (shrinking) batch
         decoded = 0
         for step in range(max_new):
             token = sample(logits.float(), params, generator)  # (b,)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            logp = torch.log_softmax(logits.float() / lp_temperature, dim=-1).gather(-1, token[:, None]).squeeze(-1)
             done = []
             for j, (r, t, lp) in enumerate(zip(rows.tolist(), token.tolist(), logp.tolist())):
                 if t in stop_ids:
-                    finish[r], stop_token[r] = "stop", t
+                    finish[r], stop_token[r], stop_logprob[r] = "stop", t, lp
                     done.append(j)
                     continue
                 out_tokens[r].append(t)
@@ -255,7 +274,7 @@ class Generator:
                 if cut >= 0:
                     text = text[:cut]
             completions.append(Completion(out_tokens[r], text, out_logprobs[r], finish[r] or "length",
-                                          len(prompts[r]), stop_token[r]))
+                                          len(prompts[r]), stop_token[r], stop_logprob[r]))
         return completions
 
     def _hits_stop_string(self, tokens: list[int], stops: tuple[str, ...]) -> bool:

@@ -6,6 +6,7 @@ What the PPO recipe needs besides the losses of llama2/losses.py, each piece tes
   single uninterrupted process samples;
 - `consolidated_policy`: the full policy weights gathered once per iteration for generation under
   FSDP (the paper's fix for its ~20x slower generation with sharded weights);
+- rollouts that keep the log-probabilities they were sampled with (θ_old, no extra forward);
 - the layout of a batch of rollouts: prompt + response right-padded in one row, the response
   mask on the L - 1 "action" positions where column t predicts token t + 1, and the policy's
   logits computed at those positions only;
@@ -31,7 +32,7 @@ class Rollout(NamedTuple):
     prompt: list[int]
     response: list[int]  # sampled ids, ending with the stop token when the model stopped
     text: str  # the answer as the reward models read it (stop token / stop string cut)
-    logprobs: list[float]  # generation's log π(token) at temperature 1, one per sampled id before the stop
+    logprobs: list[float]  # log π_θold of every response id (stop token included), as sampled: logits / temperature
 
 
 class PPOBatch(NamedTuple):
@@ -106,15 +107,23 @@ def consolidated_policy(policy: torch.nn.Module, d: Dist, dtype: torch.dtype) ->
 
 def sample_rollouts(generator: Generator, prompts: list[list[int]], chunks: list[tuple[int, list[int]]],
                     params: SamplingParams, seed: int, iteration: int) -> list[Rollout]:
-    """Sample one answer per prompt position of this rank's chunks, each chunk with its own seed."""
+    """Sample one answer per prompt position of this rank's chunks, each chunk with its own seed.
+
+    Each rollout keeps the log-probabilities its tokens were sampled with: they are PPO's θ_old
+    (as in trl, which takes them from generation's logits), so the policy needs no extra forward
+    pass over the batch. tests/test_ppo.py checks them against a full forward of the policy.
+    """
     out = []
     for k, positions in chunks:
-        chunk_params = SamplingParams(**{**params.__dict__, "seed": chunk_seed(seed, iteration, k)})
+        chunk_params = SamplingParams(**{**params.__dict__, "seed": chunk_seed(seed, iteration, k),
+                                         "logprobs_at_temperature": True})
         for i, c in zip(positions, generator.generate([prompts[i] for i in positions], chunk_params)):
             # The stop token is an action of the policy too: it is trained (the model learns when to
             # stop) and it is where the score lands.
-            response = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
-            out.append(Rollout(i, prompts[i], response, c.text.strip(), c.logprobs))
+            stopped = c.stop_token is not None
+            response = c.tokens + ([c.stop_token] if stopped else [])
+            logprobs = c.logprobs + ([c.stop_logprob] if stopped else [])
+            out.append(Rollout(i, prompts[i], response, c.text.strip(), logprobs))
     return out
 
 

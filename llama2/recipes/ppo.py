@@ -205,13 +205,14 @@ def rollout_length(scored: dict, i: int) -> int:
 @torch.no_grad()
 def prepare_batches(policy, reference, value_model, scored: dict, whitened: torch.Tensor, rows: list[list[int]],
                     cfg: PPOConfig, d: Dist, dtype) -> tuple[list[list[PPOBatch]], dict]:
-    """Old log-probs, reference log-probs, values, shaped rewards and GAE for this rank's rows.
+    """Reference log-probs, values, shaped rewards and GAE for this rank's rows.
 
     Computed for the whole batch before the first update: the first mini-batch's step changes π_θ,
-    and every ratio must be against the policy that sampled (θ_old). These passes need no
-    mini-batch structure, so rows go through them sorted by length (little padding).
+    and every ratio must be against the policy that sampled (θ_old), whose log-probs the rollouts
+    carry from generation. These passes need no mini-batch structure, so rows go through them
+    sorted by length (little padding).
     """
-    stats = torch.zeros(4, dtype=torch.float64)  # Σ KL per sequence, Σ entropy, tokens, sequences
+    stats = torch.zeros(3, dtype=torch.float64)  # Σ KL per sequence, tokens, sequences
     per_row = {}  # batch position -> (old log-probs, values, advantages, returns), each (n_i,)
     mine = sorted((i for mb in rows for i in mb), key=lambda i: (rollout_length(scored, i), i))
     for s in range(0, len(mine), cfg.micro_batch_size):
@@ -219,20 +220,18 @@ def prepare_batches(policy, reference, value_model, scored: dict, whitened: torc
         tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
         sel, targets = mask.bool(), tokens[:, 1:][mask.bool()]
         with autocast(d.device, dtype):
-            logits = response_logits(policy, tokens, mask, d.enabled)  # (N, V)
-            ref_logits = response_logits(reference, tokens, mask, d.enabled)
+            ref_logits = response_logits(reference, tokens, mask, d.enabled)  # (N, V)
             values = value_model(tokens)[:, :-1, 0][sel].float()  # V of the state before each token
-        logp = token_logprobs(logits, targets, cfg.temperature)
+        logp = torch.tensor([x for i in part for x in scored[i][0].logprobs], device=d.device)  # θ_old
         ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
-        entropy = token_entropy(logits, cfg.temperature)
-        del logits, ref_logits
+        del ref_logits
         rewards, kl = shaped_rewards(whitened[part].to(d.device), scatter(logp, mask), scatter(ref_logp, mask), mask,
                                      cfg.kl_coef)
         adv, ret = gae(rewards, scatter(values, mask), mask, cfg.gamma, cfg.lam)
         n = mask.sum(1).long().tolist()
         for i, *row in zip(part, logp.split(n), values.split(n), adv[sel].split(n), ret[sel].split(n)):
             per_row[i] = row
-        stats += torch.tensor([kl.sum().item(), entropy.sum().item(), len(entropy), len(part)], dtype=torch.float64)
+        stats += torch.tensor([kl.sum().item(), len(logp), len(part)], dtype=torch.float64)
     # Advantages are whitened over every response token of the global batch (Stiennon et al.).
     order = list(per_row)
     white = global_whiten(torch.cat([per_row[i][2] for i in order]), d).split([len(per_row[i][2]) for i in order])
@@ -248,8 +247,8 @@ def prepare_batches(policy, reference, value_model, scored: dict, whitened: torc
             tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
             cat = [torch.cat([per_row[i][k] for i in part]) for k in range(4)]
             batches[-1].append(PPOBatch(tokens, mask, *cat))
-    kl_sum, ent_sum, n_tok, n_seq = all_reduce_sum(stats, d).tolist()
-    return batches, {"kl": kl_sum / n_seq, "entropy": ent_sum / max(n_tok, 1)}
+    kl_sum, n_tok, n_seq = all_reduce_sum(stats, d).tolist()
+    return batches, {"kl": kl_sum / n_seq}
 
 
 EVAL_STREAM = 2**31  # the "iteration" whose seeds evaluation samples with: no training iteration uses it
@@ -366,7 +365,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         t2 = time.perf_counter()
 
         # ---- 3. training: one pass, one gradient step per mini-batch on the clipped objectives
-        sums = torch.zeros(3, dtype=torch.float64)  # policy loss, value loss, clip fraction (token-weighted)
+        sums = torch.zeros(4, dtype=torch.float64)  # policy loss, value loss, clip fraction, entropy (token-weighted)
         grad_norms = []
         for micro in batches:
             # Each token counts once in its mini-batch's mean, however the mini-batch is split into
@@ -382,15 +381,17 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
                 pg_loss, clip_frac = ppo_policy_loss(logp, b.old_logprobs, b.advantages, every, cfg.clip)
                 v_loss = value_loss(values, b.old_values, b.returns, every, cfg.value_clip)
                 ((pg_loss + v_loss) * weight).backward()  # separate models: each gets only its own loss
-                sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item()], dtype=torch.float64) \
-                    * weight / d.world_size
+                # entropy of π_θ on the response tokens, read off the update's own forward (as trl does)
+                entropy = token_entropy(logits.detach(), cfg.temperature).mean()
+                sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item(), entropy.item()],
+                                     dtype=torch.float64) * weight / d.world_size
             grad_norms.append((clip_grad_norm(policy, cfg.optim.grad_clip),
                                clip_grad_norm(value_model, cfg.value_optim.grad_clip)))
             opt_policy.step()
             opt_value.step()
             opt_policy.zero_grad(set_to_none=True)
             opt_value.zero_grad(set_to_none=True)
-        pg_sum, v_sum, clip_sum = (all_reduce_sum(sums, d) / len(batches)).tolist()
+        pg_sum, v_sum, clip_sum, ent_sum = (all_reduce_sum(sums, d) / len(batches)).tolist()
         t3 = time.perf_counter()
 
         # ---- log, evaluate, checkpoint
@@ -400,7 +401,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             "reward_logit": logit(rc).mean().item(),  # before whitening (R~c itself has mean 0, std 1)
             "objective": (whitened.mean() - cfg.kl_coef * pstats["kl"]).item(),  # R(g|p) = R~c − β·KL
             "reward_helpfulness": rh.mean().item(), "reward_safety": rs.mean().item(),
-            "gated_by_safety": gated.mean().item(), "kl": pstats["kl"], "entropy": pstats["entropy"],
+            "gated_by_safety": gated.mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
             "clip_frac": clip_sum, "policy_loss": pg_sum, "value_loss": v_sum,
             "grad_norm": max(g[0] for g in grad_norms), "value_grad_norm": max(g[1] for g in grad_norms),
             "response_len": lengths.mean().item(),
