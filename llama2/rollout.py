@@ -168,13 +168,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     Logits are divided by the sampling temperature, so that the policy PPO optimises is the
     distribution the answers were sampled from.
     """
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of each next-token distribution: (N, V) -> (N,)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
