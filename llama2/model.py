@@ -220,6 +220,17 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def rows(self, start: int, end: int, column: int) -> "KVCache":
+        """A view of rows [start, end) whose next write goes to `column`: filling it fills this cache.
+
+        Generation prefills groups of similar-length prompts through such views, each group padded
+        only to its own longest prompt and right-aligned with the whole batch's columns.
+        """
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[start:end] for t in self.k], [t[start:end] for t in self.v]
+        view.key_mask, view.length, view.max_len = self.key_mask[start:end], column, self.max_len
+        return view
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` of the batch (drop finished sequences)."""
         self.k = [t[rows] for t in self.k]

@@ -32,6 +32,25 @@ def test_mixed_lengths_batch_equals_one_by_one(model, packed):
         assert max(abs(x - y) for x, y in zip(b.logprobs, alone.logprobs)) < 1e-4
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefill_in_length_groups_equals_one_by_one(model, packed, monkeypatch):
+    # 40 prompts sorted longest first, one long and many short: the prefill runs in groups of 16
+    # rows, each padded to its own longest prompt, and every row still decodes what it would alone.
+    gen = Generator(model, packed=packed)
+    ps = sorted(prompts([50, *[3 + i % 7 for i in range(39)]], seed=1), key=len, reverse=True)
+    calls = []
+    run_rows = gen._prefill_rows
+    monkeypatch.setattr(gen, "_prefill_rows", lambda p, c: calls.append(max(map(len, p))) or run_rows(p, c))
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    batch = gen.generate(ps, params)
+    assert calls == [50, 6, 4]  # three groups of 16, 16, 8 rows; the last two padded to 6 and 4 positions, not 50
+    monkeypatch.undo()
+    for p, b in zip(ps, batch):
+        alone = gen.generate([p], params)[0]
+        assert b.tokens == alone.tokens
+        assert max(abs(x - y) for x, y in zip(b.logprobs, alone.logprobs)) < 1e-4
+
+
 def test_packed_path_equals_module_path(model):
     ps = prompts([4, 11, 2])
     params = SamplingParams(max_new_tokens=20, temperature=0)
