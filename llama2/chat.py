@@ -139,6 +139,8 @@ def generate_cli(argv: list[str]) -> int:
         print(json.dumps({
             "text": out.text, "tokens": out.tokens, "prompt_tokens": out.prompt_tokens,
             "finish_reason": out.finish_reason, "logprobs": [round(x, 5) for x in out.logprobs],
+            "stop_token": out.stop_token,
+            "stop_logprob": None if out.stop_logprob is None else round(out.stop_logprob, 5),
             "timing": {"seconds": round(total, 4), "prefill_tokens_per_s": round(stats.prefill_tps, 2),
                        "decode_tokens_per_s": round(stats.decode_tps, 2)},
         }, ensure_ascii=False))
