@@ -203,7 +203,7 @@ def rollout_length(scored: dict, i: int) -> int:
 
 
 @torch.no_grad()
-def prepare_batches(policy, reference, value_model, scored: dict, whitened: torch.Tensor, rows: list[list[int]],
+def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor, rows: list[list[int]],
                     cfg: PPOConfig, d: Dist, dtype) -> tuple[list[list[PPOBatch]], dict]:
     """Reference log-probs, values, shaped rewards and GAE for this rank's rows.
 
@@ -361,7 +361,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         rh, rs, rc, gated = (torch.tensor([float(scored[i][k]) for i in range(cfg.batch_size)]) for k in (1, 2, 3, 4))
         whitened = whiten(logit(rc))
         rows = minibatch_rows(cfg.batch_size, cfg.mini_batch_size, it, cfg.seed, d)
-        batches, pstats = prepare_batches(policy, reference, value_model, scored, whitened, rows, cfg, d, dtype)
+        batches, pstats = prepare_batches(reference, value_model, scored, whitened, rows, cfg, d, dtype)
         t2 = time.perf_counter()
 
         # ---- 3. training: one pass, one gradient step per mini-batch on the clipped objectives
