@@ -97,13 +97,12 @@ def run_ours(work: Path, a, out: Path, env: dict) -> list[dict]:
 
 
 def run_trl(python: Path, work: Path, a, env: dict) -> list[dict]:
+    from trl_env import run_trl_worker
+
     cmd = [str(python), str(Path(__file__).resolve()), "--trl-worker", "--work", str(work),
            "--batch", str(a.batch), "--mini-batch", str(a.mini_batch), "--response-length", str(a.response_length),
            "--iterations", str(a.iterations), "--warmup", str(a.warmup), "--threads", str(a.threads)]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"trl failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])[a.warmup:]
+    return run_trl_worker(cmd, env)[a.warmup:]
 
 
 def trl_worker(a) -> None:
@@ -111,14 +110,13 @@ def trl_worker(a) -> None:
     import torch
     import trl.experimental.ppo.ppo_trainer as ppo_module
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
-        PreTrainedTokenizerFast,
         TrainerCallback,
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl_env import stand_in_tokenizer
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
@@ -127,9 +125,7 @@ def trl_worker(a) -> None:
     vocab = AutoModelForCausalLM.from_pretrained(hf_dir).config.vocab_size
     # trl only pads and reads the pad/EOS ids: a word-level vocabulary with our ids is enough
     # (<unk>=0 pads, as it never occurs in a prompt; <s>=1, </s>=2 as in our SentencePiece model).
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t1",
-                                        eos_token="t2", padding_side="left")
+    tokenizer = stand_in_tokenizer(vocab, pad_id=0, eos_id=2, bos_id=1, padding_side="left")
     head = torch.load(work / "head.pt")
 
     def scalar_model():

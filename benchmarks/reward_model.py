@@ -79,16 +79,14 @@ def trl_worker(a) -> None:
     """Runs in the trl venv: RewardTrainer on the HF export, timing every optimizer step."""
     import torch
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import LlamaForSequenceClassification, TrainerCallback
     from trl import RewardConfig, RewardTrainer
+    from trl_env import stand_in_tokenizer
 
     torch.set_num_threads(a.threads)
     work, info = Path(a.work), json.loads(a.info)
     # The pairs are already token ids: a word-level stand-in tokenizer only carries the special ids.
-    vocab = {f"id{i}": i for i in range(info["vocab"])}
-    tk = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="id0")),
-                                 pad_token=f"id{info['pad_id']}", eos_token=f"id{info['eos_id']}")
+    tk = stand_in_tokenizer(info["vocab"], info["pad_id"], info["eos_id"])
     model = LlamaForSequenceClassification.from_pretrained(work / "rm_hf", dtype=torch.float32)
     pairs = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
     times: list[float] = []
@@ -113,13 +111,12 @@ def trl_worker(a) -> None:
 
 
 def run_trl(work: Path, info: dict, a, python: str) -> float:
+    from trl_env import run_trl_worker
+
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [python, __file__, "--trl-worker", "--work", str(work), "--info", json.dumps(info), "--batch",
            str(a.batch), "--steps", str(a.steps), "--threads", str(a.threads), "--warmup", str(a.warmup)]
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"trl failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["pairs_per_s"]
+    return run_trl_worker(cmd, env)["pairs_per_s"]
 
 
 def main() -> None:

@@ -141,21 +141,18 @@ def trl_worker(a) -> None:
     """Runs in the trl venv: SFTTrainer on the HF export and our packed rows, timing every optimizer step."""
     import torch
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
     from transformers import (
         LlamaForCausalLM,
-        PreTrainedTokenizerFast,
         Trainer,
         TrainerCallback,
     )
     from trl import SFTConfig, SFTTrainer
+    from trl_env import stand_in_tokenizer
 
     torch.set_num_threads(a.threads)
     work, info = Path(a.work), json.loads(a.info)
     # The rows are already token ids: a word-level stand-in tokenizer only carries the special ids.
-    vocab = {f"id{i}": i for i in range(info["vocab"])}
-    tk = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="id0")),
-                                 pad_token=f"id{info['pad_id']}", eos_token=f"id{info['eos_id']}")
+    tk = stand_in_tokenizer(info["vocab"], info["pad_id"], info["eos_id"])
     model = LlamaForCausalLM.from_pretrained(work / "lm_hf", dtype=torch.float32, attn_implementation="sdpa")
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
     check_packed_attention(model, rows[0])
@@ -218,14 +215,13 @@ def check_packed_attention(model, row: dict) -> None:
 
 
 def run_trl(work: Path, info: dict, a, python: str, variant: str) -> tuple[float, float]:
+    from trl_env import run_trl_worker
+
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [python, __file__, "--trl-worker", "--variant", variant, "--work", str(work), "--info", json.dumps(info),
            "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--threads",
            str(a.threads), "--warmup", str(a.warmup)]
-    r = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"trl ({variant}) failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_trl_worker(cmd, env, f"trl ({variant})")
     return out["tokens_per_s"], out["first_loss"]
 
 
