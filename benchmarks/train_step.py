@@ -110,31 +110,28 @@ def worker(a: argparse.Namespace) -> None:
     ours = a.worker == "ours"
     if (ours or a.theirs_malloc) and device.type == "cpu":
         keep_freed_memory()  # what llama2.recipes.common.place_model does on CPU
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g).to(device)
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
     if ours:
         model = model.to(device=device, dtype=dtype).train()
         blocks = model.layers if a.compile in ("ours", "both") else []
         opt = build_optimizer(model, OptimConfig())
+        forward = lambda: lm_loss(model(x), y)  # noqa: E731
+        clip = lambda: clip_grad_norm(model, 1.0)  # noqa: E731
     else:
         model = hf_twin(model, dtype).to(device).train()
         blocks = model.model.layers if a.compile == "both" else []
         opt = adamw(model)
+        forward = lambda: model(input_ids=x, labels=y, shift_labels=y).loss  # noqa: E731 (y is already shifted)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)  # noqa: E731
     for block in blocks:
         block.compile()  # what `compile: true` does in the recipes (llama2.recipes.common.place_model)
 
-    g = torch.Generator().manual_seed(1)
-    seq = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g).to(device)
-    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
     def step() -> float:
-        if ours:
-            loss = lm_loss(model(x), y)
-        else:
-            loss = model(input_ids=x, labels=y, shift_labels=y).loss  # y is already shifted
+        loss = forward()
         loss.backward()
-        if ours:
-            clip_grad_norm(model, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()

@@ -260,7 +260,8 @@ class Generator:
         decoded = 0
         for step in range(max_new):
             token = sample(logits.float(), params, generator)  # (b,)
-            logp = torch.log_softmax(logits.float() / lp_temperature, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            scaled = logits.float() if lp_temperature == 1.0 else logits.float() / lp_temperature
+            logp = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None]).squeeze(-1)
             done = []
             for j, (r, t, lp) in enumerate(zip(rows.tolist(), token.tolist(), logp.tolist())):
                 if t in stop_ids:
