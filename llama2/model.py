@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,74 @@ class KVCache:
         self.key_mask = self.key_mask[rows]
 
 
+class Ragged:
+    """Sequences of different lengths laid end to end in one row (1, N), without padding.
+
+    Every per-token operation (the products, norms, SwiGLU and the head) then runs on the N real
+    tokens only; attention, the one place where tokens meet, runs on right-padded copies of q, k, v
+    gathered for it and is read back at the real positions. Right padding needs no mask under
+    causal attention (a real query never sees the padding after it). Batches of answers of mixed
+    lengths (PPO's update, reward scoring) cost their tokens instead of B x L_max, as with
+    flash-attention's varlen kernels on GPU; the gather is a copy of q, k, v, small next to the
+    products it saves.
+
+    Attention's cost grows with the square of the padded length, so consecutive sequences are
+    grouped (`Group`) and each group is padded only to its own longest: a group grows while its
+    padded attention costs at most `waste` times its sequences' own. Callers sort by length (PPO's
+    micro-batches and reward scoring do), so that groups are few; a group of equal lengths needs
+    no padded copy. (Packed pretraining/SFT rows keep their document mask: at 4 documents per
+    256-token row this layout measured no faster there, 1.56 s vs 1.55 s for 4 micro-batches.)
+    """
+
+    class Group(NamedTuple):
+        start: int  # first token of the group in the row
+        end: int  # one past its last
+        batch: int  # sequences in the group
+        max_len: int
+        index: torch.Tensor | None  # (tokens,) flat position in (batch x max_len); None: all of max_len
+
+    def __init__(self, lengths, device=None, positions: torch.Tensor | None = None, waste: float = 1.25):
+        self.lengths = [int(n) for n in lengths]
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"ragged lengths must be positive, got {self.lengths}")
+        self.total = sum(self.lengths)
+        n = torch.tensor(self.lengths, device=device)
+        starts = torch.cumsum(n, 0) - n
+        local = torch.arange(self.total, device=device) - torch.repeat_interleave(starts, n)  # 0.. in each
+        self.positions = local[None] if positions is None else positions.reshape(1, self.total)  # for RoPE
+        self.ends = torch.cumsum(n, 0) - 1  # (B,) each sequence's last token in the row
+        self.groups, first, token = [], 0, 0
+        for i in range(1, len(self.lengths) + 1):
+            if i < len(self.lengths):
+                part = self.lengths[first: i + 1]
+                if len(part) * max(part) ** 2 <= waste * sum(x * x for x in part):
+                    continue
+            part = self.lengths[first:i]
+            size, longest = sum(part), max(part)
+            index = None
+            if min(part) != longest:
+                rows = torch.repeat_interleave(torch.arange(len(part), device=device), n[first:i])
+                index = rows * longest + local[token: token + size]
+            self.groups.append(Ragged.Group(token, token + size, len(part), longest, index))
+            first, token = i, token + size
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Causal attention within each sequence: q, k, v (1, N, heads, hd) -> (1, N, heads x hd)."""
+        outs = []
+        for g in self.groups:
+            padded = []
+            for x in (q, k, v):
+                x = x[0, g.start: g.end]
+                if g.index is not None:
+                    x = x.new_zeros(g.batch * g.max_len, *x.shape[1:]).index_copy_(0, g.index, x)
+                padded.append(x.view(g.batch, g.max_len, *x.shape[1:]).transpose(1, 2))  # (b, heads, L, hd)
+            # The output is laid out (b, L, heads, hd) in memory, as its inputs are: the reshape is free.
+            out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=gqa)
+            out = out.transpose(1, 2).reshape(g.batch * g.max_len, -1)
+            outs.append(out if g.index is None else out.index_select(0, g.index))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -256,10 +325,12 @@ class Attention(nn.Module):
         k = linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
         v = linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, Ragged):  # (1, N) row of sequences: attend within each, in padded copies
+            return linear(mask.attention(q, k, v, gqa), self.wo.weight)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
-        gqa = self.n_kv_heads != self.n_heads
         if mask is None:  # plain causal attention over this chunk only (training, no cache)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -360,19 +431,32 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        lengths: Ragged | list[int] | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`; vocab = 1 for a scalar head).
 
         positions: (B, T) rotary positions; default 0..T-1 (after the cache's filled columns).
         doc_ids: (B, T) document index of each token in a packed row (see `attention_mask`).
         return_hidden: return the final normalised hidden states (B, T, dim) instead of logits.
+        lengths: tokens is one row (1, N) of sequences of these lengths end to end (see `Ragged`):
+            each sequence is computed as if alone, with no padding; outputs are (1, N, ...).
         """
         B, T = tokens.shape
+        if lengths is not None:
+            ragged = lengths if isinstance(lengths, Ragged) else Ragged(lengths, tokens.device, positions)
+            if B != 1 or ragged.total != T or cache is not None or doc_ids is not None or last_only:
+                raise ValueError(f"ragged input is one row of sum(lengths) = {ragged.total} tokens without a cache, "
+                                 f"doc_ids or last_only; got tokens {tuple(tokens.shape)}")
+            return self._forward(tokens, ragged.positions, ragged, None, False, return_hidden)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        freqs_cis = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
         mask = attention_mask(T, doc_ids=doc_ids, cache=cache, device=tokens.device)
+        return self._forward(tokens, positions, mask, cache, last_only, return_hidden)
+
+    def _forward(self, tokens, positions, mask, cache, last_only, return_hidden):
+        T = tokens.shape[1]
+        freqs_cis = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:

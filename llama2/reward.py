@@ -24,7 +24,7 @@ import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
 from llama2.losses import RATINGS
-from llama2.model import ModelArgs, Transformer
+from llama2.model import ModelArgs, Ragged, Transformer
 from llama2.world.formats import AXES, DataError, iter_rows, validate_file
 
 OBJECTIVES = AXES  # one reward model per preference axis: helpfulness and safety (§3.2.2)
@@ -69,31 +69,24 @@ def response_ids(fmt: ChatFormat, dialog: Dialog, response: str) -> list[int]:
     return ids[: last + 1]
 
 
-def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (N, T) and each row's last real position (N,)."""
-    T = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
-    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
-    return tokens, last
+def packed_scores(model: Transformer, seqs: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """The scalar head at each sequence's last token (the token that closes the answer, see
+    `response_ids`): (N,) float32, in the order of `seqs`.
 
-
-def sequence_scores(model: Transformer, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The scalar head's output at each row's last real token: (N, T), (N,) -> (N,) float32.
-
-    Right padding needs no attention mask: under causal attention a real token never sees the
-    padding after it, so a padded row scores exactly like the unpadded sequence.
+    The sequences run end to end in one unpadded row (llama2.model.Ragged), longest first so that
+    attention groups similar lengths: each is computed as if alone and costs its own tokens only.
     """
-    out = model(tokens)  # (N, T, 1)
-    return out[torch.arange(tokens.shape[0], device=tokens.device), last, 0].float()
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    tokens = torch.as_tensor(np.concatenate([np.asarray(seqs[i], dtype=np.int64) for i in order]))[None].to(device)
+    ragged = Ragged([len(seqs[i]) for i in order], tokens.device)
+    scores = model(tokens, lengths=ragged)[0, ragged.ends, 0].float()
+    return torch.empty_like(scores).index_copy_(0, torch.tensor(order, device=scores.device), scores)
 
 
 def pair_scores(model: Transformer, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
-                pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """r(x, y_c) and r(x, y_r) of B pairs in ONE forward pass: 2B rows, chosen first (§3.2.2)."""
-    tokens, last = collate(list(chosen) + list(rejected), pad_id)
-    scores = sequence_scores(model, tokens.to(device), last.to(device))  # (2B,)
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """r(x, y_c) and r(x, y_r) of B pairs in ONE forward pass over all 2B sequences (§3.2.2)."""
+    scores = packed_scores(model, list(chosen) + list(rejected), device)  # (2B,)
     return scores[: len(chosen)], scores[len(chosen):]
 
 
@@ -255,7 +248,7 @@ class PairLoader:
 class RewardScorer:
     """Scores (dialog, response) pairs with a reward model, for rejection sampling, PPO and
     evaluation. `score` gives the raw scalar; `prob` its sigmoid, the form the PPO safety gate
-    thresholds (§3.2.3). Sequences are sorted by length and batched, so padding stays small."""
+    thresholds (§3.2.3). Sequences are sorted by length and batched; each batch runs unpadded."""
 
     def __init__(self, model: Transformer | str | Path, tokenizer=None, batch_size: int = 32,
                  device: str | torch.device = "cpu", chat_format: str = "auto", dtype: torch.dtype = torch.float32):
@@ -300,8 +293,7 @@ class RewardScorer:
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: memory peaks early
         for start in range(0, len(order), self.batch_size):
             idx = order[start: start + self.batch_size]
-            tokens, last = collate([seqs[i] for i in idx], self.pad_id)
-            out[idx] = sequence_scores(self.model, tokens.to(self.device), last.to(self.device)).cpu()
+            out[idx] = packed_scores(self.model, [seqs[i] for i in idx], self.device).cpu()
         return out
 
     def score(self, dialogs: Sequence[Dialog], responses: Sequence[str]) -> torch.Tensor:

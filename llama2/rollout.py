@@ -7,9 +7,10 @@ What the PPO recipe needs besides the losses of llama2/losses.py, each piece tes
 - `consolidated_policy`: the full policy weights gathered once per iteration for generation under
   FSDP (the paper's fix for its ~20x slower generation with sharded weights);
 - rollouts that keep the log-probabilities they were sampled with (θ_old, no extra forward);
-- the layout of a batch of rollouts: prompt + response right-padded in one row, the response
-  mask on the L - 1 "action" positions where column t predicts token t + 1, and the policy's
-  logits computed at those positions only;
+- the layout of a batch of rollouts: prompt + response right-padded in one row each (for GAE),
+  or all end to end in one unpadded row (for the model passes), the response mask on the
+  "action" positions where column t predicts token t + 1, and the policy's logits computed at
+  those positions only;
 - `shaped_rewards`: −β·KL on every response token plus the whitened score on the last one;
 - `PPOBatch`: one micro-batch ready for the clipped policy and value losses.
 """
@@ -46,6 +47,7 @@ class PPOBatch(NamedTuple):
     old_values: torch.Tensor  # V(state before the token), from the value model before the update
     advantages: torch.Tensor  # GAE advantages (whitened over the whole batch)
     returns: torch.Tensor  # value targets: advantages + old values (before whitening)
+    lengths: list[int] | None = None  # set when tokens is one packed row (1, N): each sequence's length
 
 
 # ----------------------------------------------------------------------------- prompt order and seeds
@@ -147,18 +149,36 @@ def pad_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> tuple[torch.Tensor
     return tokens, mask
 
 
+def pack_rollouts(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Prompt + response ids of all rollouts end to end in one row (1, N), the response mask
+    (1, N - 1) on action positions as in `pad_rollouts`, and each rollout's length.
+
+    The model runs such a row with `lengths=` (llama2.model.Ragged): each sequence as if alone,
+    with no padding; the response tokens come out in the same order as from `pad_rollouts`.
+    """
+    lengths = [len(r.prompt) + len(r.response) for r in rollouts]
+    tokens = torch.tensor([t for r in rollouts for t in r.prompt + r.response], dtype=torch.long)[None]
+    mask = torch.zeros(1, sum(lengths))
+    start = 0
+    for r, n in zip(rollouts, lengths):
+        mask[0, start + len(r.prompt) - 1: start + n - 1] = 1.0  # a sequence's last token predicts nothing
+        start += n
+    return tokens, mask[:, :-1], lengths
+
+
 def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                    sharded: bool = False) -> torch.Tensor:
+                    sharded: bool = False, lengths: list[int] | None = None) -> torch.Tensor:
     """Next-token logits (N, V) at the N response positions of `mask`, in row-major order.
 
     The output head is a third of a small model's forward (vocab x dim per token): it runs on the
     response positions only, not on prompt and padding. Under FSDP the head's weight is sharded
     outside the model's forward, so there the full logits are computed and then selected.
+    `lengths`: tokens is a packed row from `pack_rollouts`.
     """
     sel = mask.bool()
     if sharded:
-        return model(tokens)[:, :-1][sel]
-    hidden = model(tokens, return_hidden=True)[:, :-1][sel]  # (N, dim)
+        return model(tokens, lengths=lengths)[:, :-1][sel]
+    hidden = model(tokens, return_hidden=True, lengths=lengths)[:, :-1][sel]  # (N, dim)
     return model.output(hidden).float()
 
 
@@ -172,10 +192,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of each next-token distribution: (N, V) -> (N,)."""
-    logp = torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(target), entropy of π) from one log-softmax: (N, V), (N,) -> (N,), (N,).
+
+    The update needs both on the same logits; the log-probs carry gradients, the entropy (logged,
+    as trl does) does not.
+    """
+    logp_all = torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
 def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
-from llama2.model import KVCache, ModelArgs, PRESETS, Transformer, meta_ffn_hidden_dim, preset
+from llama2.model import KVCache, ModelArgs, PRESETS, Ragged, Transformer, meta_ffn_hidden_dim, preset
 
 CONFIGS = {
     "mha-untied": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False),
@@ -106,6 +106,45 @@ def test_packed_documents_do_not_attend_to_each_other():
     with torch.no_grad():
         leaky = model(row, positions=positions)
     assert (leaky - alone).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name,lengths,groups", [
+    # in the given order: alone, alone, two padded to 12, three of one length (no padded copy)
+    ("mha-untied", (7, 1, 12, 11, 5, 5, 5), [(1, 7, True), (1, 1, True), (2, 12, False), (3, 5, True)]),
+    # longest first, as reward scoring sends them
+    ("gqa-tied", (12, 11, 7, 5, 5, 5, 1), [(2, 12, False), (1, 7, True), (3, 5, True), (1, 1, True)]),
+])
+def test_ragged_row_equals_each_sequence_alone_with_gradients(name, lengths, groups):
+    """Sequences end to end in one unpadded row (`lengths=`, PPO's update and reward scoring): each
+    computes as if alone, logits and weight gradients, with checkpointing too; a 1-token one included."""
+    model = tiny_model(**CONFIGS[name]).train()
+    seqs = [torch.randint(0, 101, (n,)) for n in lengths]
+    ragged = Ragged(lengths)
+    assert [(g.batch, g.max_len, g.index is None) for g in ragged.groups] == groups
+    weights = [torch.randn(len(s), 101) for s in seqs]
+
+    def run(ragged: bool, checkpointing: bool = False):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        if ragged:
+            out = model(torch.cat(seqs)[None], lengths=list(lengths))[0]
+        else:
+            out = torch.cat([model(s[None])[0] for s in seqs])
+        (out * torch.cat(weights)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    alone, g_alone = run(False)
+    for checkpointing in (False, True):
+        out, g = run(True, checkpointing)
+        assert (out - alone).abs().max().item() < 1e-5
+        for a, b in zip(g, g_alone):
+            assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    model.activation_checkpointing = False
+    row = torch.cat(seqs)[None]
+    with pytest.raises(ValueError, match="sum\\(lengths\\) = 45"):
+        model(row, lengths=[lengths[0] - 1, *lengths[1:]])  # one token short of the row
+    with pytest.raises(ValueError, match="positive"):
+        model(row, lengths=[0, *lengths])
 
 
 def test_meta_device_build_and_assign():

@@ -29,6 +29,7 @@ from llama2.rollout import (
     generation_chunks,
     global_whiten,
     iteration_prompts,
+    pack_rollouts,
     pad_rollouts,
     response_logits,
     sample_rollouts,
@@ -128,9 +129,17 @@ def test_old_logprobs_match_generation_and_stop_token_is_an_action(policy_path, 
     stopped = [r for r in rollouts if r.response[-1] in stops]
     assert stopped and len(stopped) < 6  # both kinds present
     tokens, mask = pad_rollouts(rollouts)
+    packed, packed_mask, lengths = pack_rollouts(rollouts)
+    assert packed.shape[1] == sum(lengths) == sum(len(r.prompt) + len(r.response) for r in rollouts)
+    assert packed[:, 1:][packed_mask.bool()].tolist() == tokens[:, 1:][mask.bool()].tolist()  # same order
     with torch.no_grad():
         logits = response_logits(model, tokens, mask)  # the head on response positions only
         torch.testing.assert_close(logits, response_logits(model, tokens, mask, sharded=True))  # FSDP's path
+        # the update's layout: all rollouts in one unpadded row, each as if alone
+        torch.testing.assert_close(logits, response_logits(model, packed, packed_mask, lengths=lengths),
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, response_logits(model, packed, packed_mask, True, lengths),
+                                   atol=1e-4, rtol=1e-4)
         logp = token_logprobs(logits, tokens[:, 1:][mask.bool()], temperature=0.7)
     for r, got in zip(rollouts, logp.split(mask.sum(1).long().tolist())):
         # PPO's θ_old: the log-probs generation sampled with (at its temperature, the stop token one more

@@ -18,7 +18,7 @@ from llama2.config import ConfigError, load_config
 from llama2.losses import MARGINS, RATINGS, ranking_loss
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.reward_model import RewardConfig, main
-from llama2.reward import (PairLoader, PairRow, RewardScorer, mix_pairs, pad_token_id, pair_scores, read_pairs,
+from llama2.reward import (PairLoader, PairRow, RewardScorer, mix_pairs, pair_scores, read_pairs,
                            response_ids, reward_state, tokenize_pairs)
 from llama2.world.formats import DataError
 
@@ -113,14 +113,14 @@ def test_one_forward_for_chosen_and_rejected_equals_separate_scoring_at_the_eos(
         full, _ = fmt.training_ids(d + [{"role": "assistant", "content": r}])
         assert x == full and x[-1] == tok.eos_id  # Llama 2's format: the answer's closing EOS
     lengths = {len(x) for x in ids}
-    assert len(lengths) == 3  # different lengths, so padding is exercised
+    assert len(lengths) == 3  # different lengths: the unpadded row and its attention groups are exercised
 
     def manual(x):  # the head applied by hand to the final hidden state of the unpadded sequence
         h = model(torch.tensor([x]), return_hidden=True)[0, -1]  # (dim,)
         return (h @ model.output.weight[0]).item()
 
     with torch.no_grad():
-        c, r = pair_scores(model, ids[:2], [ids[2], ids[0]], pad_id=pad_token_id(tok))
+        c, r = pair_scores(model, ids[:2], [ids[2], ids[0]])
         expected = [manual(x) for x in (ids[0], ids[1], ids[2], ids[0])]
     assert torch.allclose(torch.cat([c, r]), torch.tensor(expected), atol=1e-5)
     assert len(set(round(e, 4) for e in expected[:3])) == 3  # the scores differ: the check can fail

@@ -45,12 +45,13 @@ from llama2.rollout import (
     generation_chunks,
     global_whiten,
     iteration_prompts,
+    pack_rollouts,
     pad_rollouts,
     response_logits,
     sample_rollouts,
     scatter,
     shaped_rewards,
-    token_entropy,
+    logprobs_and_entropy,
     token_logprobs,
 )
 from llama2.train import (
@@ -210,18 +211,21 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
     Computed for the whole batch before the first update: the first mini-batch's step changes π_θ,
     and every ratio must be against the policy that sampled (θ_old), whose log-probs the rollouts
     carry from generation. These passes need no mini-batch structure, so rows go through them
-    sorted by length (little padding).
+    sorted by length (attention's padded copy stays small); the model sees them unpadded.
     """
     stats = torch.zeros(3, dtype=torch.float64)  # Σ KL per sequence, tokens, sequences
     per_row = {}  # batch position -> (old log-probs, values, advantages, returns), each (n_i,)
     mine = sorted((i for mb in rows for i in mb), key=lambda i: (rollout_length(scored, i), i))
     for s in range(0, len(mine), cfg.micro_batch_size):
         part = mine[s: s + cfg.micro_batch_size]
-        tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
-        sel, targets = mask.bool(), tokens[:, 1:][mask.bool()]
+        rolls = [scored[i][0] for i in part]
+        tokens, rmask, lengths = pack_rollouts(rolls)  # the model passes: one unpadded row
+        tokens, rmask = tokens.to(d.device), rmask.to(d.device)
+        mask = pad_rollouts(rolls)[1].to(d.device)  # GAE: one row per rollout (same token order)
+        sel, targets = mask.bool(), tokens[:, 1:][rmask.bool()]
         with autocast(d.device, dtype):
-            ref_logits = response_logits(reference, tokens, mask, d.enabled)  # (N, V)
-            values = value_model(tokens)[:, :-1, 0][sel].float()  # V of the state before each token
+            ref_logits = response_logits(reference, tokens, rmask, d.enabled, lengths)  # (N, V)
+            values = value_model(tokens, lengths=lengths)[:, :-1, 0][rmask.bool()].float()  # V before each token
         logp = torch.tensor([x for i in part for x in scored[i][0].logprobs], device=d.device)  # θ_old
         ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
         del ref_logits
@@ -244,9 +248,9 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
         batches.append([])
         for s in range(0, len(mb), cfg.micro_batch_size):
             part = mb[s: s + cfg.micro_batch_size]
-            tokens, mask = (t.to(d.device) for t in pad_rollouts([scored[i][0] for i in part]))
+            tokens, mask, lengths = pack_rollouts([scored[i][0] for i in part])
             cat = [torch.cat([per_row[i][k] for i in part]) for k in range(4)]
-            batches[-1].append(PPOBatch(tokens, mask, *cat))
+            batches[-1].append(PPOBatch(tokens.to(d.device), mask.to(d.device), *cat, lengths))
     kl_sum, n_tok, n_seq = all_reduce_sum(stats, d).tolist()
     return batches, {"kl": kl_sum / n_seq}
 
@@ -374,16 +378,15 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             for b in micro:
                 weight = b.mask.sum().item() / n_tokens.item() * d.world_size
                 with autocast(d.device, dtype):
-                    logits = response_logits(policy, b.tokens, b.mask, d.enabled)  # (N, V)
-                    values = value_model(b.tokens)[:, :-1, 0][b.mask.bool()].float()  # (N,)
-                logp = token_logprobs(logits, b.tokens[:, 1:][b.mask.bool()], cfg.temperature)
+                    logits = response_logits(policy, b.tokens, b.mask, d.enabled, b.lengths)  # (N, V)
+                    values = value_model(b.tokens, lengths=b.lengths)[:, :-1, 0][b.mask.bool()].float()  # (N,)
+                # entropy of π_θ on the response tokens, read off the update's own forward (as trl does)
+                logp, entropy = logprobs_and_entropy(logits, b.tokens[:, 1:][b.mask.bool()], cfg.temperature)
                 every = torch.ones_like(logp)  # PPOBatch holds response tokens only: all count
                 pg_loss, clip_frac = ppo_policy_loss(logp, b.old_logprobs, b.advantages, every, cfg.clip)
                 v_loss = value_loss(values, b.old_values, b.returns, every, cfg.value_clip)
                 ((pg_loss + v_loss) * weight).backward()  # separate models: each gets only its own loss
-                # entropy of π_θ on the response tokens, read off the update's own forward (as trl does)
-                entropy = token_entropy(logits.detach(), cfg.temperature).mean()
-                sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item(), entropy.item()],
+                sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item(), entropy.mean().item()],
                                      dtype=torch.float64) * weight / d.world_size
             grad_norms.append((clip_grad_norm(policy, cfg.optim.grad_clip),
                                clip_grad_norm(value_model, cfg.value_optim.grad_clip)))

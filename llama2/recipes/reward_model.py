@@ -29,7 +29,7 @@ from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.losses import MARGINS, RATINGS, ranking_loss
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.reward import (OBJECTIVES, PairData, PairLoader, accuracy_report, mix_pairs, pad_token_id, pair_scores,
+from llama2.reward import (OBJECTIVES, PairData, PairLoader, accuracy_report, mix_pairs, pair_scores,
                            read_pairs, reward_state, tokenize_pairs)
 from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
@@ -82,7 +82,7 @@ class RewardConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def score_pairs(model, data: PairData, pad_id: int, batch_size: int, d: Dist,
+def score_pairs(model, data: PairData, batch_size: int, d: Dist,
                 dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """r_c, r_r (float64, on CPU) of every pair. Batches of similar length; under FSDP each rank
     scores every world-th batch (all ranks run the same number of forwards) and the scores are summed."""
@@ -97,8 +97,7 @@ def score_pairs(model, data: PairData, pad_id: int, batch_size: int, d: Dist,
         for k in range(d.rank, rounds, d.world_size):
             idx = batches[min(k, len(batches) - 1)]  # a rank past the end repeats the last batch
             with autocast(d.device, dtype):
-                c, r = pair_scores(model, [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], pad_id,
-                                   d.device)
+                c, r = pair_scores(model, [data.chosen[i] for i in idx], [data.rejected[i] for i in idx], d.device)
             if k < len(batches):
                 r_c[idx], r_r[idx] = c.double().cpu(), r.double().cpu()
     model.train(was_training)
@@ -194,7 +193,6 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
         raise ConfigError(f"model: {cfg.model} has no tokenizer")
     args, state = reward_state(ck.args, ck.state, cfg.head_init_std, cfg.seed)
     fmt = ChatFormat(tokenizer, cfg.chat_format)
-    pad_id = pad_token_id(tokenizer)
     T = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
     rows = read_pairs(cfg.train_data)
     mixed, summary = mix_pairs([r for r in rows if r.record["split"] == "train"], cfg.objective,
@@ -238,7 +236,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
         for idx in loader.next_step():
             chosen, rejected = [train.chosen[i] for i in idx], [train.rejected[i] for i in idx]
             with autocast(d.device, dtype):
-                r_c, r_r = pair_scores(model, chosen, rejected, pad_id, d.device)  # (B,), (B,)
+                r_c, r_r = pair_scores(model, chosen, rejected, d.device)  # (B,), (B,)
             loss = ranking_loss(r_c, r_r, margins[idx].to(d.device)) / loader.accum
             loss.backward()
             loss_sum += loss.item()
@@ -261,7 +259,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, pairs_per_s=pair_speed.read()[0], mfu=mfu)
         if len(test) and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
-            report = accuracy_report(*score_pairs(model, test, pad_id, cfg.eval_batch_size, d, dtype), test)
+            report = accuracy_report(*score_pairs(model, test, cfg.eval_batch_size, d, dtype), test)
             metrics["test_accuracy"] = report["overall"]["accuracy"]
             metrics.update({f"test_accuracy/{k}": v["accuracy"] for k, v in report["test_sets"].items()})
         log.log(step + 1, metrics, show=("loss", "accuracy", "test_accuracy", "lr", "pairs_per_s"))
@@ -273,7 +271,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
     # ---- export, then the held-out report (Tables 7 and 8)
     state = full_state_dict(model, d)
     if report is None and len(test):  # the loop evaluates at its last step when eval_every > 0
-        report = accuracy_report(*score_pairs(model, test, pad_id, cfg.eval_batch_size, d, dtype), test)
+        report = accuracy_report(*score_pairs(model, test, cfg.eval_batch_size, d, dtype), test)
     if d.is_main:
         final = save_native(out / "final", state, args, tokenizer,
                             meta={"stage": "reward", "objective": cfg.objective, "margin": cfg.margin,
@@ -312,7 +310,7 @@ def eval_cli(argv: list[str]) -> int:
     if not len(data):
         raise ValueError(f"every pair was skipped: {dict(data.skipped)}")
     d = Dist(device=torch.device(a.device))
-    report = accuracy_report(*score_pairs(scorer.model, data, scorer.pad_id, a.batch_size, d, torch.float32), data)
+    report = accuracy_report(*score_pairs(scorer.model, data, a.batch_size, d, torch.float32), data)
     for reason, n in data.skipped.items():
         print(f"skipped {n} pairs: {reason}", file=sys.stderr)
     print(accuracy_table(report))
