@@ -166,6 +166,11 @@ def check(cfg: PipelineConfig) -> None:
             _exists(p, key)
     for key in ("base_model", "tokenizer", "helpfulness_rm", "safety_rm"):
         _exists(getattr(cfg, key), key)
+    # pretrain_mix reads this run's pretraining tokens unless pretrain_data names others
+    for name, sft in (("sft", cfg.sft), ("rejection_sampling.sft", cfg.rejection_sampling.get("sft", {}))):
+        if sft.get("pretrain_mix", 0) > 0 and cfg.base_model and not sft.get("pretrain_data"):
+            raise ConfigError(f"{name}.pretrain_mix: with base_model there are no pretraining tokens of this run; "
+                              f"set {name}.pretrain_data (llama2 data pretokenize) or pretrain_mix: 0")
     if bool(cfg.helpfulness_rm) != bool(cfg.safety_rm) and not cfg.helpfulness_rm:
         raise ConfigError("safety_rm given without helpfulness_rm")
 
@@ -195,13 +200,19 @@ def stage_pretrain(run: Run, cfg: PipelineConfig, out: Path, resume: bool) -> di
     return {"model": str(out / "final")}
 
 
+def with_pretrain_tokens(run: Run, sft: dict) -> dict:
+    """SFT options with `pretrain_data` pointing at this run's pretraining tokens when `pretrain_mix`
+    asks for them and none are given."""
+    pretrain_tokens = run.root / "pretrain" / "tokens"
+    if sft.get("pretrain_mix", 0) > 0 and not sft.get("pretrain_data") and pretrain_tokens.is_dir():
+        return {**sft, "pretrain_data": str(pretrain_tokens)}
+    return sft
+
+
 def stage_sft(run: Run, cfg: PipelineConfig, out: Path, resume: bool, model: str, extra: dict | None = None) -> dict:
     from llama2.recipes.sft import SFTConfig, main
 
-    over = {**cfg.sft, **(extra or {})}
-    pretrain_tokens = run.root / "pretrain" / "tokens"
-    if over.get("pretrain_mix", 0) > 0 and not over.get("pretrain_data") and pretrain_tokens.is_dir():
-        over["pretrain_data"] = str(pretrain_tokens)
+    over = with_pretrain_tokens(run, {**cfg.sft, **(extra or {})})
     sc = from_dict(SFTConfig, {**over, "out_dir": str(out), "model": model, "seed": cfg.seed, "device": cfg.device,
                                "train_data": run.files(cfg.sft_train, "sft/train.jsonl"),
                                "eval_data": run.files(cfg.sft_eval, "sft/test.jsonl")}, "pipeline.sft")
@@ -280,6 +291,8 @@ def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: b
 
     pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
     over = dict(cfg.rejection_sampling)
+    if "sft" in over:
+        over["sft"] = with_pretrain_tokens(run, over["sft"])
     rc = from_dict(RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,
                                              "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
                                              "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
