@@ -72,6 +72,12 @@ def test_configuration_is_checked_before_any_work(tmp_path):
     cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"base_model={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match="base_model: .*missing does not exist"):
         check(cfg)
+    # a base model skips pretraining: pretrain_mix then needs pretrain_data named (the preset mixes)
+    (tmp_path / "base").mkdir()
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"base_model={tmp_path / 'base'}",
+                                             "sft.pretrain_mix=0"])
+    with pytest.raises(ConfigError, match="rejection_sampling.sft.pretrain_mix: with base_model"):
+        check(cfg)
     r = run(tmp_path / "y", "reward.margin=7")
     assert r.returncode == 1 and "margin" in r.stderr and not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="unknown stage"):
