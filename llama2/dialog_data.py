@@ -139,6 +139,9 @@ class DialogLoader:
             rows = self.rows(self.epoch)
             if self.cursor + per_step <= len(rows):
                 break
+            if len(rows) < per_step:  # no epoch can fill a step: stop instead of looping through epochs
+                raise ValueError(f"{len(self.ex)} examples pack into {len(rows)} rows of {self.T} tokens, fewer than "
+                                 f"one step's {per_step} rows ({self.B} per rank x {self.world} ranks)")
             self.epoch, self.cursor = self.epoch + 1, 0
         first = self.cursor + self.rank * self.B
         batch = self.collate([rows[first + b] for b in range(self.B)])

@@ -11,7 +11,7 @@ import torch
 
 from llama2.chat_format import ChatFormat
 from llama2.checkpoint import save_native
-from llama2.config import load_config
+from llama2.config import ConfigError, load_config
 from llama2.dialog_data import DialogLoader, pack, tokenize_dialogs
 from llama2.losses import IGNORE, lm_loss
 from llama2.model import ModelArgs, Transformer
@@ -187,6 +187,19 @@ def test_pretrain_mix_runs(world_dir, base_model, world_tokenizer, tmp_path, mon
                                                     pretrain_data=str(tmp_path / "tokens"))))
     rows = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
     assert all("pretrain_loss" in r for r in rows)
+
+
+def test_too_little_data_for_one_batch_is_refused_not_looped(world_dir, world_examples, base_model, tmp_path):
+    # 5 dialogs pack into at most 5 rows: the loader could never fill a step of 16 rows (it used to
+    # cycle through epochs forever looking for one) and the recipe says so before it starts
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join((world_dir / "sft" / "train.jsonl").read_text().splitlines()[:5]) + "\n")
+    sub = type(world_examples)(world_examples.inputs[:5], world_examples.targets[:5], world_examples.ids[:5], {})
+    with pytest.raises(ValueError, match="5 examples pack into [1-5] rows of 256 tokens, fewer than one step's 16"):
+        next(DialogLoader(sub, 256, 16))
+    with pytest.raises(ConfigError, match="train_data: [1-5] dialogs pack into [1-5] rows of 128 tokens, fewer than one"):
+        main(load_config(SFTConfig, None, sft_overrides(world_dir, base_model, tmp_path / "few",
+                                                        train_data=f"[{few}]", eval_data="[]")))
 
 
 def test_killed_sft_resumes_exactly(world_dir, base_model, tmp_path):

@@ -117,7 +117,11 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     loader = DialogLoader(train, T, cfg.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
                           packed=cfg.packed, pad_id=pad)
-    steps_per_epoch = max(1, len(loader.rows(0)) // cfg.batch_size)
+    if len(loader.rows(0)) < cfg.batch_size:  # packing gives every epoch the same number of rows
+        raise ConfigError(f"train_data: {len(train)} dialogs pack into {len(loader.rows(0))} rows of {T} tokens, "
+                          f"fewer than one batch (batch_size={cfg.batch_size} rows); lower batch_size and "
+                          f"micro_batch_size, or give more data")
+    steps_per_epoch = len(loader.rows(0)) // cfg.batch_size
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_examples = tokenize_dialogs(load_dialogs(cfg.eval_data), fmt, T, cfg.last_turn_only, "eval_data: ") \
         if cfg.eval_data else None
