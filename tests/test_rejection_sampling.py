@@ -8,6 +8,7 @@ import random
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,40 @@ def test_best_per_prompt_skips_unusable_answers_and_breaks_ties_by_index():
                                             "used_safety": False}]}]
     pool = best_per_prompt(records, rows, 3)
     assert [(e["prompt_id"], e["response"], e["sample"], e["iteration"]) for e in pool] == [("p", "ok one", 2, 3)]
+
+
+def test_min_gap_keeps_only_answers_the_reward_clearly_prefers():
+    records = [prompt("clear", False), prompt("flat", False)]
+
+    def samples(rewards):
+        return [{"text": f"answer {i}", "reward": r, "helpfulness": r, "safety": 1.0, "used_safety": False}
+                for i, r in enumerate(rewards)]
+
+    rows = [{"prompt_id": "clear", "samples": samples([0.2, 0.9, 0.3, 0.25])},  # median 0.275: gap 0.625
+            {"prompt_id": "flat", "samples": samples([0.52, 0.5, 0.51, 0.5])}]  # median 0.505: gap 0.015
+    every = best_per_prompt(records, rows, 1)
+    assert [(e["prompt_id"], round(e["gap"], 3)) for e in every] == [("clear", 0.625), ("flat", 0.015)]
+    kept = best_per_prompt(records, rows, 1, min_gap=0.1)
+    assert [(e["prompt_id"], e["response"]) for e in kept] == [("clear", "answer 1")]
+    with pytest.raises(ConfigError, match="min_gap"):
+        from llama2.recipes.rejection_sampling import check_config
+
+        check_config(RejectionSamplingConfig(policy=str(REPO), prompts=[__file__], min_gap=-0.1))
+
+
+def test_a_short_selection_fine_tunes_with_the_batch_it_fills(world_tokenizer, world_dir, tmp_path):
+    from llama2.recipes.rejection_sampling import fitting_batch
+    from llama2.recipes.sft import SFTConfig
+
+    lines = (world_dir / "sft" / "train.jsonl").read_text().splitlines()
+    few, many = tmp_path / "few.jsonl", tmp_path / "many.jsonl"
+    few.write_text("\n".join(lines[:5]) + "\n")
+    many.write_text("\n".join(lines[:400]) + "\n")
+    sft = SFTConfig(seq_len=256, batch_size=16, micro_batch_size=8)
+    small = fitting_batch(replace(sft, train_data=[str(few)]), world_tokenizer, 512, 1)
+    assert 1 <= small.batch_size < 16 and small.micro_batch_size == small.batch_size  # one rank here
+    assert fitting_batch(replace(sft, train_data=[str(many)]), world_tokenizer, 512, 1) == \
+        replace(sft, train_data=[str(many)])
 
 
 # ----------------------------------------------------------------------------- best-of-N
@@ -244,6 +279,20 @@ def test_tiny_recipe_runs_end_to_end(finished_run, world_dir, tiny_policy, monke
     # a finished run is not overwritten without --resume
     with pytest.raises(ConfigError, match="--resume"):
         main(load_config(RejectionSamplingConfig, None, rs_overrides(world_dir, tiny_policy, out)))
+
+
+def test_no_clear_preference_keeps_the_policy(world_dir, tiny_policy, tmp_path, monkeypatch):
+    # min_gap beyond any reward difference: nothing to fine-tune on, so the iteration keeps its
+    # policy (instead of failing a pipeline) and RUN/final resolves to that policy
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    out = tmp_path / "run"
+    main(load_config(RejectionSamplingConfig, REPO / "configs" / "rlhf" / "rejection_sampling_tiny.yaml",
+                     rs_overrides(world_dir, tiny_policy, out, iterations=1, max_prompts=8, min_gap=1.5)))
+    stats = json.loads((out / "iter-1" / "stats.json").read_text())
+    assert stats["selected"]["n"] == 0 and stats["best_of_k"]["cleared_min_gap"] == 0
+    assert stats["best_of_k"]["n"] == 8 and stats["samples"]["n"] == 8 * 3
+    assert (out / "final").resolve() == Path(tiny_policy).resolve()
+    assert not (out / "iter-1" / "sft" / "metrics.jsonl").exists()
 
 
 def test_killed_sampling_resumes_without_resampling(finished_run, world_dir, tiny_policy, tmp_path):

@@ -73,6 +73,11 @@ class RejectionSamplingConfig:
     pool: Literal["all", "last"] = "all"  # §3.2.3: `all` = best of every iteration (from RLHF-V3 on)
     pool_from: list[str] = field(default_factory=list)  # earlier runs' pool files joining `all` (re-scored)
     min_reward: float | None = None  # drop selected answers scoring below this (paper: none, keep every best)
+    # Keep a prompt's best answer only if its reward beats the median of the prompt's K samples by
+    # at least this much (paper: none). Where the reward model cannot tell the answers apart its
+    # pick is a random sample, and fine-tuning on random samples moves the model away from its
+    # better near-greedy answers; where it clearly prefers one, the pick is worth learning.
+    min_gap: float | None = None
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
     retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # the sweep's T
@@ -134,9 +139,11 @@ def usable(text: str, forbidden=SPECIAL_TAGS) -> bool:
     return bool(text.strip()) and not any(tag in text for tag in forbidden)
 
 
-def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS) -> list[dict]:
-    """The highest-Rc usable answer of each prompt (ties: the lowest sample index) as pool entries.
-    A prompt whose answers are all unusable gets none."""
+def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS,
+                    min_gap: float | None = None) -> list[dict]:
+    """The highest-Rc usable answer of each prompt (ties: the lowest sample index) as pool entries,
+    with `gap`, its reward minus the median reward of the prompt's samples. A prompt whose answers
+    are all unusable gets none; with `min_gap`, neither does one whose best beats the median by less."""
     by_id = {r["id"]: r for r in records}
     pool = []
     for row in rows:
@@ -146,8 +153,11 @@ def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbi
         if j is None:
             continue
         s = row["samples"][j]
+        gap = s["reward"] - statistics.median(x["reward"] for x in row["samples"])
+        if min_gap is not None and gap < min_gap:
+            continue
         pool.append({"prompt_id": rec["id"], "messages": rec["messages"], "response": s["text"].strip(),
-                     "reward": s["reward"], "helpfulness": s["helpfulness"], "safety": s["safety"],
+                     "reward": s["reward"], "gap": gap, "helpfulness": s["helpfulness"], "safety": s["safety"],
                      "used_safety": s["used_safety"], "iteration": iteration, "sample": j,
                      "is_safety": bool(rec.get("is_safety", False)), "task": rec.get("task")})
     return pool
@@ -169,6 +179,27 @@ def select_pool(pools: list[list[dict]], mode: str) -> list[dict]:
             if cur is None or rank > cur[0]:
                 best[entry["prompt_id"]] = (rank, entry)
     return [best[k][1] for k in sorted(best)]
+
+
+def fitting_batch(sft: SFTConfig, tokenizer, max_seq_len: int, iteration: int) -> SFTConfig:
+    """`sft` with batch_size and micro_batch_size lowered to the packed rows the selected answers
+    fill, when that is less than one batch (a short selection, e.g. under min_gap): the SFT recipe
+    refuses data that cannot fill one batch."""
+    from llama2.chat_format import ChatFormat
+    from llama2.dialog_data import DialogLoader, tokenize_dialogs
+    from llama2.recipes.sft import load_dialogs
+
+    T = min(sft.seq_len, max_seq_len)
+    examples = tokenize_dialogs(load_dialogs(sft.train_data), ChatFormat(tokenizer, sft.chat_format), T,
+                                sft.last_turn_only, "selected answers: ")
+    rows = len(DialogLoader(examples, T, 1, seed=sft.seed, packed=sft.packed).rows(0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the SFT step's ranks (torchrun), as llama2.distributed reads them
+    if rows >= sft.batch_size:
+        return sft
+    batch = max(world, rows // world * world)
+    say(f"iteration {iteration}: the {len(examples)} selected answers fill {rows} rows of {T} tokens, fewer than "
+        f"sft.batch_size={sft.batch_size}: fine-tuning with batches of {batch}")
+    return replace(sft, batch_size=batch, micro_batch_size=batch // world)
 
 
 def sft_record(entry: dict) -> dict:
@@ -221,6 +252,8 @@ def check_config(cfg: RejectionSamplingConfig) -> None:
     for key in ("iterations", "k", "max_new_tokens", "chunk_prompts", "sample_batch_size", "reward_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.min_gap is not None and cfg.min_gap < 0:
+        raise ConfigError(f"min_gap: must be >= 0 (a reward difference) or null, got {cfg.min_gap}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")
     if cfg.retune_temperature and (not cfg.temperatures or cfg.tune_n < cfg.k or cfg.tune_prompts < 1):
@@ -243,7 +276,7 @@ def say(text: str) -> None:
 # What a resumed run may not change: it decides what was sampled and selected. (iterations may
 # grow: a finished run continues with more rounds.)
 RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "safety_rm", "safety_threshold", "k",
-               "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "init_from",
+               "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "min_gap", "init_from",
                "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
 
 
@@ -347,7 +380,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             bar.update(1)
             kill_hook(c + 1, "LLAMA2_KILL_AT_SAMPLE_CHUNK")
         bar.close()
-        forbidden = sampler.format.forbidden
+        forbidden, max_seq_len = sampler.format.forbidden, model.args.max_seq_len
         del sampler, model  # free the sampling copy before fine-tuning
 
         # ---- 3. the best answer per prompt joins the pool
@@ -356,7 +389,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         for part in parts:
             seconds["sampling"] += part["seconds"]["sampling"]
             seconds["scoring"] += part["seconds"]["scoring"]
-        best = best_per_prompt(records, rows, it, forbidden)
+        candidates = best_per_prompt(records, rows, it, forbidden)  # every prompt's best: the best-of-K stats
+        best = best_per_prompt(records, rows, it, forbidden, cfg.min_gap) if cfg.min_gap is not None else candidates
         write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
         # ---- 4. the fine-tuning set: best of all iterations (`all`) or of this one (`last`)
@@ -364,17 +398,25 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         selected = select_pool(pools, cfg.pool)
         if cfg.min_reward is not None:
             selected = [e for e in selected if e["reward"] >= cfg.min_reward]
-        if not selected:
-            raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, or below min_reward="
-                             f"{cfg.min_reward}); see {sample_dir}")
+        filtered = cfg.min_reward is not None or cfg.min_gap is not None
+        if not selected and not (filtered and candidates and Path(policy).is_dir()):
+            raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, below min_reward="
+                             f"{cfg.min_reward} or within min_gap={cfg.min_gap} of their prompt's median); "
+                             f"see {sample_dir}")
         write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected])
 
         # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
         t0 = time.perf_counter()
         start = cfg.policy if cfg.init_from == "initial" else policy
-        sft_cfg = replace(cfg.sft, model=start, train_data=[str(it_dir / "selected.jsonl")],
-                          out_dir=str(it_dir / "sft"))
+        if not selected and not final.is_dir():
+            # Nothing cleared min_gap / min_reward: no clear preference to learn, the policy stays.
+            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward}; "
+                f"nothing to fine-tune on, {policy} is kept")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            final.symlink_to(Path(policy).resolve(), target_is_directory=True)
         if not final.is_dir():  # written atomically at the very end of the SFT recipe
+            sft_cfg = fitting_batch(replace(cfg.sft, model=start, train_data=[str(it_dir / "selected.jsonl")],
+                                            out_dir=str(it_dir / "sft")), tok, max_seq_len, it)
             sft_resume = any((it_dir / "sft" / "checkpoints").glob("step-*/train_state.json"))
             say(f"iteration {it}: fine-tuning {start} on {len(selected)} answers"
                 + (" (resuming)" if sft_resume else ""))
@@ -393,19 +435,20 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                         "mean_tokens": tokens / len(samples),
                         "truncated": statistics.fmean(s["finish"] == "length" for s in samples),
                         "unusable": statistics.fmean(not usable(s["text"], forbidden) for s in samples)},
-            "best_of_k": {**summary([e["reward"] for e in best]),
-                          "used_safety": statistics.fmean(e["used_safety"] for e in best) if best else 0.0},
+            "best_of_k": {**summary([e["reward"] for e in candidates]),
+                          "used_safety": statistics.fmean(e["used_safety"] for e in candidates) if candidates else 0.0,
+                          "cleared_min_gap": len(best)},
             "selected": {**summary([e["reward"] for e in selected]),
-                         "used_safety": statistics.fmean(e["used_safety"] for e in selected),
+                         "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
                          "from_this_iteration": statistics.fmean(
-                             e["iteration"] == it and not e.get("rescored") for e in selected)},
+                             e["iteration"] == it and not e.get("rescored") for e in selected) if selected else 0.0},
             "sft_final_loss": _last_loss(it_dir / "sft" / "metrics.jsonl"),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "sampling_tokens_per_s": tokens / seconds["sampling"] if seconds["sampling"] else None,
         }
         write_atomic(it_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
         say(f"iteration {it}: samples mean Rc {stats['samples']['mean']:.3f}, best-of-{cfg.k} mean "
-            f"{stats['best_of_k']['mean']:.3f}, selected mean {stats['selected']['mean']:.3f} "
+            f"{stats['best_of_k']['mean']:.3f}, selected {len(selected)} (mean {stats['selected'].get('mean', 0):.3f}) "
             f"({stats['selected']['used_safety']:.0%} gated by safety); "
             + ", ".join(f"{k} {v:.0f}s" for k, v in stats["seconds"].items()))
         policy = str(final)
