@@ -268,7 +268,6 @@ class RewardScorer:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = torch.device(device)
         self.fmt = ChatFormat(tokenizer, chat_format)
-        self.pad_id = pad_token_id(tokenizer)
 
     def ids(self, dialogs: Sequence[Dialog], responses: Sequence[str]) -> list[list[int]]:
         if len(dialogs) != len(responses):

@@ -182,13 +182,18 @@ def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Te
     return model.output(hidden).float()
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature (no division at temperature 1)."""
+    return logits.float() if temperature == 1.0 else logits.float() / temperature
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(target) from logits: (N, V), (N,) -> (N,).
 
     Logits are divided by the sampling temperature, so that the policy PPO optimises is the
     distribution the answers were sampled from.
     """
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    logits = tempered(logits, temperature)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -199,7 +204,7 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
     The update needs both on the same logits; the log-probs carry gradients, the entropy (logged,
     as trl does) does not.
     """
-    logp_all = torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
+    logp_all = torch.log_softmax(tempered(logits, temperature), dim=-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy

@@ -17,7 +17,8 @@ import torch
 from llama2.best_of_n import best_of_n, best_of_n_curves, choose_temperature, plot_best_of_n
 from llama2.config import ConfigError, load_config
 from llama2.generation import Completion
-from llama2.recipes.rejection_sampling import RejectionSamplingConfig, best_per_prompt, main, score_samples, select_pool
+from llama2.recipes.rejection_sampling import (RejectionSamplingConfig, best_per_prompt, clear_preferences, main,
+                                              score_samples, select_pool)
 from llama2.rlhf_reward import GatedReward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def test_min_gap_keeps_only_answers_the_reward_clearly_prefers():
             {"prompt_id": "flat", "samples": samples([0.52, 0.5, 0.51, 0.5])}]  # median 0.505: gap 0.015
     every = best_per_prompt(records, rows, 1)
     assert [(e["prompt_id"], round(e["gap"], 3)) for e in every] == [("clear", 0.625), ("flat", 0.015)]
-    kept = best_per_prompt(records, rows, 1, min_gap=0.1)
+    kept = clear_preferences(every, 0.1)
     assert [(e["prompt_id"], e["response"]) for e in kept] == [("clear", "answer 1")]
     with pytest.raises(ConfigError, match="min_gap"):
         from llama2.recipes.rejection_sampling import check_config

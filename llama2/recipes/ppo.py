@@ -45,13 +45,13 @@ from llama2.rollout import (
     generation_chunks,
     global_whiten,
     iteration_prompts,
+    logprobs_and_entropy,
     pack_rollouts,
     pad_rollouts,
     response_logits,
     sample_rollouts,
     scatter,
     shaped_rewards,
-    logprobs_and_entropy,
     token_logprobs,
 )
 from llama2.train import (

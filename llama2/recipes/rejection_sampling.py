@@ -139,11 +139,10 @@ def usable(text: str, forbidden=SPECIAL_TAGS) -> bool:
     return bool(text.strip()) and not any(tag in text for tag in forbidden)
 
 
-def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS,
-                    min_gap: float | None = None) -> list[dict]:
+def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS) -> list[dict]:
     """The highest-Rc usable answer of each prompt (ties: the lowest sample index) as pool entries,
     with `gap`, its reward minus the median reward of the prompt's samples. A prompt whose answers
-    are all unusable gets none; with `min_gap`, neither does one whose best beats the median by less."""
+    are all unusable gets none."""
     by_id = {r["id"]: r for r in records}
     pool = []
     for row in rows:
@@ -154,13 +153,16 @@ def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbi
             continue
         s = row["samples"][j]
         gap = s["reward"] - statistics.median(x["reward"] for x in row["samples"])
-        if min_gap is not None and gap < min_gap:
-            continue
         pool.append({"prompt_id": rec["id"], "messages": rec["messages"], "response": s["text"].strip(),
                      "reward": s["reward"], "gap": gap, "helpfulness": s["helpfulness"], "safety": s["safety"],
                      "used_safety": s["used_safety"], "iteration": iteration, "sample": j,
                      "is_safety": bool(rec.get("is_safety", False)), "task": rec.get("task")})
     return pool
+
+
+def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
+    """The entries whose answer beats its prompt's median sample by at least `min_gap` (all if None)."""
+    return pool if min_gap is None else [e for e in pool if e["gap"] >= min_gap]
 
 
 def select_pool(pools: list[list[dict]], mode: str) -> list[dict]:
@@ -390,7 +392,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             seconds["sampling"] += part["seconds"]["sampling"]
             seconds["scoring"] += part["seconds"]["scoring"]
         candidates = best_per_prompt(records, rows, it, forbidden)  # every prompt's best: the best-of-K stats
-        best = best_per_prompt(records, rows, it, forbidden, cfg.min_gap) if cfg.min_gap is not None else candidates
+        best = clear_preferences(candidates, cfg.min_gap)
         write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
         # ---- 4. the fine-tuning set: best of all iterations (`all`) or of this one (`last`)
