@@ -106,6 +106,25 @@ def test_best_per_prompt_skips_unusable_answers_and_breaks_ties_by_index():
     assert [(e["prompt_id"], e["response"], e["sample"], e["iteration"]) for e in pool] == [("p", "ok one", 2, 3)]
 
 
+def test_truncated_samples_are_not_targets_but_count_in_the_median():
+    records = [prompt("p", False), prompt("q", False)]
+
+    def sample(text, reward, finish):
+        return {"text": text, "reward": reward, "helpfulness": reward, "safety": 1.0, "used_safety": False,
+                "finish": finish}
+
+    rows = [{"prompt_id": "p", "samples": [sample("cut off in the mid", 0.9, "length"), sample("whole", 0.6, "stop"),
+                                           sample("meh", 0.2, "stop"), sample("also cut", 0.8, "length")]},
+            {"prompt_id": "q", "samples": [sample("cut", 0.9, "length")]}]
+    # default of the function: the paper's plain best-of-K, the truncated sample wins
+    assert [e["response"] for e in best_per_prompt(records, rows, 1)] == ["cut off in the mid", "cut"]
+    pool = best_per_prompt(records, rows, 1, drop_truncated=True)
+    # the best complete answer; its gap is against the median of all four samples (0.7)
+    assert [(e["prompt_id"], e["response"], e["sample"]) for e in pool] == [("p", "whole", 1)]
+    assert pool[0]["gap"] == pytest.approx(0.6 - 0.7)
+    assert RejectionSamplingConfig().drop_truncated  # the recipe's default
+
+
 def test_min_gap_keeps_only_answers_the_reward_clearly_prefers():
     records = [prompt("clear", False), prompt("flat", False)]
 
@@ -240,7 +259,9 @@ def rs_overrides(world_dir, start, out, **kw):
             "max_prompts": 24, "k": 3, "max_new_tokens": 12, "chunk_prompts": 8, "iterations": 2,
             "temperature": 1.0, "sample_batch_size": 32, "sft.seq_len": 256, "sft.batch_size": 4,
             "sft.micro_batch_size": 4, "sft.epochs": 1, "sft.optim.lr": 1e-3, "sft.ckpt_every": 1,
-            "sft.log_every": 1}
+            "sft.log_every": 1,
+            # a random policy's answers all run to the 12-token limit: keep them, or nothing is left
+            "drop_truncated": False}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

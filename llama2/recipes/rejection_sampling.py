@@ -78,6 +78,11 @@ class RejectionSamplingConfig:
     # pick is a random sample, and fine-tuning on random samples moves the model away from its
     # better near-greedy answers; where it clearly prefers one, the pick is worth learning.
     min_gap: float | None = None
+    # A sample cut off by max_new_tokens is not an answer: as a fine-tuning target (which ends with
+    # the end-of-turn token) it would teach the model to stop mid-sentence. Drop such samples from
+    # the selection (they still count in the prompt's median and the stats); the paper's answers end
+    # on their own (its limits are far above its answers' lengths).
+    drop_truncated: bool = True
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
     retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # the sweep's T
@@ -139,16 +144,19 @@ def usable(text: str, forbidden=SPECIAL_TAGS) -> bool:
     return bool(text.strip()) and not any(tag in text for tag in forbidden)
 
 
-def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS) -> list[dict]:
+def best_per_prompt(records: list[dict], rows: list[dict], iteration: int, forbidden=SPECIAL_TAGS,
+                    drop_truncated: bool = False) -> list[dict]:
     """The highest-Rc usable answer of each prompt (ties: the lowest sample index) as pool entries,
-    with `gap`, its reward minus the median reward of the prompt's samples. A prompt whose answers
-    are all unusable gets none."""
+    with `gap`, its reward minus the median reward of all the prompt's samples. Usable: no forged
+    turn, not empty and, with `drop_truncated`, not cut off by the length limit (`finish` "length").
+    A prompt whose answers are all unusable gets none."""
     by_id = {r["id"]: r for r in records}
     pool = []
     for row in rows:
         rec = by_id[row["prompt_id"]]
         ranked = sorted(range(len(row["samples"])), key=lambda j: (-row["samples"][j]["reward"], j))
-        j = next((j for j in ranked if usable(row["samples"][j]["text"], forbidden)), None)
+        j = next((j for j in ranked if usable(row["samples"][j]["text"], forbidden)
+                  and not (drop_truncated and row["samples"][j].get("finish") == "length")), None)
         if j is None:
             continue
         s = row["samples"][j]
@@ -278,8 +286,8 @@ def say(text: str) -> None:
 # What a resumed run may not change: it decides what was sampled and selected. (iterations may
 # grow: a finished run continues with more rounds.)
 RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "safety_rm", "safety_threshold", "k",
-               "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "min_gap", "init_from",
-               "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
+               "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "min_gap", "drop_truncated",
+               "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
 
 
 def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
@@ -391,7 +399,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         for part in parts:
             seconds["sampling"] += part["seconds"]["sampling"]
             seconds["scoring"] += part["seconds"]["scoring"]
-        candidates = best_per_prompt(records, rows, it, forbidden)  # every prompt's best: the best-of-K stats
+        # every prompt's best (complete) answer: the best-of-K stats
+        candidates = best_per_prompt(records, rows, it, forbidden, cfg.drop_truncated)
         best = clear_preferences(candidates, cfg.min_gap)
         write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
@@ -402,9 +411,11 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             selected = [e for e in selected if e["reward"] >= cfg.min_reward]
         filtered = cfg.min_reward is not None or cfg.min_gap is not None
         if not selected and not (filtered and candidates and Path(policy).is_dir()):
-            raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, below min_reward="
-                             f"{cfg.min_reward} or within min_gap={cfg.min_gap} of their prompt's median); "
-                             f"see {sample_dir}")
+            cut = sum(s["finish"] == "length" for row in rows for s in row["samples"])
+            raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, cut off at max_new_tokens="
+                             f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
+                             f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
+                             f"min_gap={cfg.min_gap} of their prompt's median); see {sample_dir}")
         write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected])
 
         # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
