@@ -24,6 +24,7 @@ import torch
 from llama2.distributed import Dist, all_reduce_sum
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import kl_penalty
+from llama2.model import linear
 
 
 class Rollout(NamedTuple):
@@ -179,7 +180,7 @@ def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Te
     if sharded:
         return model(tokens, lengths=lengths)[:, :-1][sel]
     hidden = model(tokens, return_hidden=True, lengths=lengths)[:, :-1][sel]  # (N, dim)
-    return model.output(hidden).float()
+    return linear(hidden, model.output.weight).float()  # the model's own product (oneDNN on CPU)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -197,6 +198,29 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _TokenLogProb(torch.autograd.Function):
+    """log π(target) and the (non-differentiable) entropy from one log-softmax, with the gradient
+    written directly: d log p_t / d logits = onehot(t) − softmax. Autograd's gather + log-softmax
+    backward would zero-fill an (N, V) tensor, scatter into it, then re-exponentiate the saved
+    log-probs; this saves the softmax the entropy needs anyway and makes one pass."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp_all = torch.log_softmax(logits, dim=-1)
+        probs = logp_all.exp()
+        entropy = -(probs * logp_all).sum(-1)
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+    @staticmethod
+    def backward(ctx, grad, _grad_entropy):
+        probs, targets = ctx.saved_tensors
+        out = probs.mul_(-grad[:, None])  # probs is not needed again: reuse its memory
+        out[torch.arange(len(targets), device=out.device), targets] += grad
+        return out, None
+
+
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(target), entropy of π) from one log-softmax: (N, V), (N,) -> (N,), (N,).
@@ -204,10 +228,7 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
     The update needs both on the same logits; the log-probs carry gradients, the entropy (logged,
     as trl does) does not.
     """
-    logp_all = torch.log_softmax(tempered(logits, temperature), dim=-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+    return _TokenLogProb.apply(tempered(logits, temperature), targets)
 
 
 def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

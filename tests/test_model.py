@@ -219,3 +219,27 @@ def test_onednn_linear_forward_and_gradients_match_f_linear():
             assert outs[0].grad_fn.name().startswith("_OneDNNLinear") == (batch * rows >= model_module._ONEDNN_MIN_ROWS)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for F.linear
         assert linear(torch.randn(40, 32), w).dtype == torch.bfloat16
+
+
+def test_rms_norm_forward_and_gradients_match_the_reference():
+    from llama2.model import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    norm.weight.data = torch.rand(48, generator=g) + 0.5
+    x = (torch.randn(3, 7, 48, generator=g) * 4)[..., :].requires_grad_(True)
+    up = torch.randn(3, 7, 48, generator=g)
+    y = norm(x)
+    assert y.grad_fn.name().startswith("_RMSNormFP32")  # the written-out backward on CPU fp32
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), up)
+    # Meta's formula, differentiated by autograd in float64
+    x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double().requires_grad_(True)
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    rx, rw = torch.autograd.grad(ref, (x64, w64), up.double())
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, atol=1e-4, rtol=1e-5)
+    # bf16 input keeps Meta's semantics: normalise in fp32, cast back, then the gain
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(norm(xb), (torch.nn.functional.rms_norm(xb.float(), (48,), eps=1e-5).bfloat16()
+                                          * norm.weight), atol=0, rtol=0)

@@ -29,6 +29,7 @@ from llama2.rollout import (
     generation_chunks,
     global_whiten,
     iteration_prompts,
+    logprobs_and_entropy,
     pack_rollouts,
     pad_rollouts,
     response_logits,
@@ -146,6 +147,24 @@ def test_old_logprobs_match_generation_and_stop_token_is_an_action(policy_path, 
         # action) are what a full forward of the policy gives, so PPO needs no extra pass for them
         assert len(got) == len(r.response) == len(r.logprobs)
         assert got.tolist() == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def test_update_logprobs_entropy_and_their_gradient_match_autograd():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(7, 50, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, 50, (7,), generator=g)
+    weights = torch.randn(7, generator=g)  # an arbitrary upstream gradient
+    logp, entropy = logprobs_and_entropy(logits, targets, temperature=0.7)
+    (logp * weights).sum().backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_all = torch.log_softmax(ref_logits / 0.7, dim=-1)
+    ref = ref_all.gather(-1, targets[:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(logp, ref)
+    torch.testing.assert_close(entropy, -(ref_all.exp() * ref_all).sum(-1).detach())
+    assert not entropy.requires_grad  # logged, not optimised
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+    torch.testing.assert_close(logp, token_logprobs(logits.detach(), targets, 0.7))
 
 
 def test_prompt_order_and_generation_chunks_do_not_depend_on_ranks():
