@@ -272,6 +272,22 @@ class KVCache:
         self.key_mask = self.key_mask[rows]
 
 
+class _TakeRows(torch.autograd.Function):
+    """x.index_select(0, index) for indices without repeats, whose gradient is then a copy into
+    zeros (index_copy_) rather than autograd's index_add_, a scatter-add ~7x slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        return g.new_zeros(ctx.rows, *g.shape[1:]).index_copy_(0, index, g), None
+
+
 class Ragged:
     """Sequences of different lengths laid end to end in one row (1, N), without padding.
 
@@ -338,7 +354,7 @@ class Ragged:
             # The output is laid out (b, L, heads, hd) in memory, as its inputs are: the reshape is free.
             out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=gqa)
             out = out.transpose(1, 2).reshape(g.batch * g.max_len, -1)
-            outs.append(out if g.index is None else out.index_select(0, g.index))
+            outs.append(out if g.index is None else _TakeRows.apply(out, g.index))
         return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]
 
 
