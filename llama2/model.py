@@ -519,6 +519,9 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        if return_hidden:
-            return h
-        return linear(h, self.output.weight).float()
+        return h if return_hidden else self.head(h)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection of final normalised hidden states (from `return_hidden=True`):
+        (..., dim) -> (..., vocab) fp32 logits (vocab = 1 for a scalar head)."""
+        return linear(hidden, self.output.weight).float()

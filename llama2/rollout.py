@@ -24,7 +24,6 @@ import torch
 from llama2.distributed import Dist, all_reduce_sum
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import kl_penalty
-from llama2.model import linear
 
 
 class Rollout(NamedTuple):
@@ -179,8 +178,7 @@ def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Te
     sel = mask.bool()
     if sharded:
         return model(tokens, lengths=lengths)[:, :-1][sel]
-    hidden = model(tokens, return_hidden=True, lengths=lengths)[:, :-1][sel]  # (N, dim)
-    return linear(hidden, model.output.weight).float()  # the model's own product (oneDNN on CPU)
+    return model.head(model(tokens, return_hidden=True, lengths=lengths)[:, :-1][sel])  # (N, dim) -> (N, V)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

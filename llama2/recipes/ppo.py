@@ -222,10 +222,11 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
         tokens, rmask, lengths = pack_rollouts(rolls)  # the model passes: one unpadded row
         tokens, rmask = tokens.to(d.device), rmask.to(d.device)
         mask = pad_rollouts(rolls)[1].to(d.device)  # GAE: one row per rollout (same token order)
-        sel, targets = mask.bool(), tokens[:, 1:][rmask.bool()]
+        sel, rsel = mask.bool(), rmask.bool()
+        targets = tokens[:, 1:][rsel]
         with autocast(d.device, dtype):
             ref_logits = response_logits(reference, tokens, rmask, d.enabled, lengths)  # (N, V)
-            values = value_model(tokens, lengths=lengths)[:, :-1, 0][rmask.bool()].float()  # V before each token
+            values = value_model(tokens, lengths=lengths)[:, :-1, 0][rsel].float()  # V before each token
         logp = torch.tensor([x for i in part for x in scored[i][0].logprobs], device=d.device)  # θ_old
         ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
         del ref_logits
