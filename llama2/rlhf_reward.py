@@ -20,6 +20,24 @@ import torch
 from llama2.losses import gated_reward
 
 
+REWARD_AXES = ("helpfulness", "safety")
+
+
+def check_reward_axes(axes: list[str], key: str = "reward_axes") -> None:
+    """`reward_axes` (rejection sampling, PPO): a non-empty list of helpfulness and/or safety."""
+    from llama2.config import ConfigError
+
+    if not axes or not set(axes) <= set(REWARD_AXES):
+        raise ConfigError(f"{key}: a non-empty list of helpfulness and/or safety, got {axes}")
+
+
+def trusted_axes(used_safety: torch.Tensor, axes) -> torch.Tensor:
+    """Where Rc came from a reward model listed in `axes`: the safety RM where the gate took Rs
+    (`used_safety`), the helpfulness RM elsewhere. Bool, like `used_safety`."""
+    used_safety = used_safety.bool()
+    return (used_safety & ("safety" in axes)) | (~used_safety & ("helpfulness" in axes))
+
+
 @dataclass
 class RewardScores:
     helpfulness: torch.Tensor  # Rh as probabilities, (N,)

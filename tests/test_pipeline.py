@@ -84,3 +84,25 @@ def test_configuration_is_checked_before_any_work(tmp_path):
         from llama2.recipes.pipeline import Run
 
         Run(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'z'}"])).forget_from("v9.ppo", ["world"])
+
+
+def test_reward_model_at_chance_on_the_policy_answers_is_reported(tmp_path, capsys):
+    from llama2.recipes.pipeline import report_on_policy_accuracy
+
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps({"test_sets": {"batch2/helpfulness": {"pairs": 100, "accuracy": 0.53},
+                                                   "batch2/safety": {"pairs": 200, "accuracy": 0.8}}}))
+    shipped = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}"])  # trusts the safety RM only
+    paper = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}",
+                                               "rejection_sampling.reward_axes=[helpfulness,safety]"])
+    report_on_policy_accuracy(shipped, eval_json, "helpfulness", 2)
+    report_on_policy_accuracy(paper, eval_json, "helpfulness", 2)
+    report_on_policy_accuracy(paper, eval_json, "safety", 2)
+    report_on_policy_accuracy(paper, eval_json, "safety", 1)  # no such batch: nothing to say
+    lines = capsys.readouterr().out.splitlines()
+    # 53 of 100: Wilson 95% interval [0.433, 0.625] holds 0.5
+    assert lines[0].endswith("helpfulness RM: accuracy 0.530 [0.433, 0.625] on 100 held-out pairs of batch 2: "
+                             "at chance; left out of reward_axes")
+    assert lines[1].endswith("at chance, yet rejection_sampling optimises it (see reward_axes)")
+    assert lines[2].endswith("safety RM: accuracy 0.800 [0.739, 0.850] on 200 held-out pairs of batch 2")
+    assert len(lines) == 3

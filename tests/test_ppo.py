@@ -17,7 +17,7 @@ import torch
 
 from llama2.chat_format import ChatFormat
 from llama2.checkpoint import load_model, save_native
-from llama2.config import load_config
+from llama2.config import ConfigError, load_config
 from llama2.distributed import Dist
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import whiten
@@ -273,6 +273,19 @@ def test_early_stopping_exports_the_best_policy(policy_path, prompts_file, world
     assert [r["step"] for r in rows] == [0, 1] and evals[0] == evals[1] and math.isfinite(evals[0])
     assert json.loads((out / "final" / "model.json").read_text())["iteration"] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_reward_axes_leave_untrusted_rollouts_to_the_kl_penalty(policy_path, prompts_file, tmp_path, monkeypatch):
+    # reward_axes=[safety]: only rollouts the gate scored with Rs carry a reward; the log says
+    # which share that was (the safety-tagged prompts of the batch, and answers under Rs < 0.15)
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    out = tmp_path / "axes"
+    main(load_config(PPOConfig, None, overrides(policy_path, prompts_file, out, iterations=1, batch_size=16,
+                                                mini_batch_size=8, reward_axes="[safety]")))
+    row = metrics(out)[1]
+    assert row["trusted"] == pytest.approx(row["gated_by_safety"]) and 0 < row["trusted"] < 1
+    with pytest.raises(ConfigError, match="reward_axes"):
+        main(load_config(PPOConfig, None, overrides(policy_path, prompts_file, tmp_path / "bad", reward_axes="[]")))
 
 
 def test_paper_settings_in_presets():

@@ -282,7 +282,33 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
                                       "device": cfg.device}, "pipeline.reward")
         main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
+        report_on_policy_accuracy(cfg, d / "eval" / "eval.json", objective, version)
     return outputs
+
+
+def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: str, version: int) -> None:
+    """Print the reward model's accuracy on this batch's held-out pairs (the policy's own answers),
+    and say so when it is at chance (its 95% interval holds 0.5) while rejection sampling or PPO
+    still optimise it (`reward_axes`)."""
+    from llama2.recipes.evaluate import wilson_interval
+
+    if not eval_json.is_file():
+        return
+    got = json.loads(eval_json.read_text()).get("test_sets", {}).get(f"batch{version}/{objective}")
+    if not got or not got.get("pairs"):
+        return
+    n, acc = got["pairs"], got["accuracy"]
+    lo, hi = wilson_interval(round(acc * n), n)
+    stages = ["rejection_sampling"] + (["ppo"] if f"v{version}.ppo" in stage_names(cfg) else [])
+    users = [stage for stage in stages
+             if objective in (getattr(cfg, stage) or {}).get("reward_axes", ["helpfulness", "safety"])]
+    note = ""
+    if lo <= 0.5:
+        note = (f": at chance, yet {' and '.join(users)} optimise{'s' if len(users) == 1 else ''} it "
+                f"(see reward_axes)" if users
+                else ": at chance; left out of reward_axes")
+    print(f"[pipeline]   {objective} RM: accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} held-out pairs of "
+          f"batch {version}{note}", flush=True)
 
 
 def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,

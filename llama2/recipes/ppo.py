@@ -34,10 +34,10 @@ from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, sav
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.generation import Generator, SamplingParams
-from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
+from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten_trusted
 from llama2.model import ModelArgs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.rlhf_reward import GatedReward, GraderScorer
+from llama2.rlhf_reward import GatedReward, GraderScorer, check_reward_axes, trusted_axes
 from llama2.rollout import (
     PPOBatch,
     Rollout,
@@ -78,6 +78,11 @@ class PPOConfig:
     helpfulness_rm: str = "grader"  # Rh: a reward model checkpoint | grader | module:attr
     safety_rm: str = "grader"  # Rs: likewise
     safety_threshold: float = 0.15  # Rc = Rs when Rs < 0.15 (precision 0.89, recall 0.55 in the paper)
+    # Reward models whose scores PPO optimises (§3.2.3: both). A rollout whose Rc came from one not
+    # listed gets R~c = 0 (whitening uses the others), so only the KL penalty acts on it: leave out
+    # a reward model measured at chance on the policy's own answers (as rejection sampling's
+    # reward_axes).
+    reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
     value_model: str = ""  # scalar-head checkpoint; "" = the helpfulness reward model (or, with a
     #                        non-checkpoint reward, the policy's weights under a new zero head)
     prompts: list[str] = field(default_factory=list)  # prompt files (JSONL/Parquet `prompts` records)
@@ -261,10 +266,13 @@ EVAL_STREAM = 2**31  # the "iteration" whose seeds evaluation samples with: no t
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, fmt, reward, records, prompts, d, dtype, cfg: PPOConfig) -> float:
-    """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable)."""
+    """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable),
+    over the answers whose Rc comes from a reward model in `reward_axes` (0 if none does)."""
     rollouts = generate(policy, tokenizer, fmt, prompts, d, dtype, cfg, EVAL_STREAM, cfg.seed)
-    scored = score(reward, records, rollouts, d)
-    return sum(v[3] for v in scored.values()) / len(scored)
+    scored = list(score(reward, records, rollouts, d).values())
+    trust = trusted_axes(torch.tensor([v[4] for v in scored], dtype=torch.bool), cfg.reward_axes).tolist()
+    kept = [v[3] for v, t in zip(scored, trust) if t]
+    return sum(kept) / len(kept) if kept else 0.0
 
 
 def save_policy(policy, d: Dist, path: Path, args, tokenizer, meta: dict) -> None:
@@ -283,6 +291,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         raise ConfigError("policy: the checkpoint to improve is required (the rejection-sampling model)")
     if not cfg.prompts:
         raise ConfigError("prompts: at least one prompt file is required")
+    check_reward_axes(cfg.reward_axes)
     d = setup(cfg.device)
     if cfg.mini_batch_size % d.world_size or cfg.batch_size % cfg.mini_batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of mini_batch_size={cfg.mini_batch_size}, "
@@ -336,7 +345,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     start, best, bad_evals = 0, -math.inf, 0
     if resume:
         saved = resume_latest(ckpt, trained, [opt_policy, opt_value], cfg,
-                              ["policy", "prompts", "batch_size", "mini_batch_size", "seed", "kl_coef"])
+                              ["policy", "prompts", "batch_size", "mini_batch_size", "seed", "kl_coef",
+                               "reward_axes"])
         start, best, bad_evals = saved["step"], saved["best_eval"], saved["bad_evals"]
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +374,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         #         then the no-grad passes (π_θold, π_0, V), shaped rewards and GAE for this rank's rows
         scored = score(reward, [records[i] for i in batch_idx], rollouts, d)
         rh, rs, rc, gated = (torch.tensor([float(scored[i][k]) for i in range(cfg.batch_size)]) for k in (1, 2, 3, 4))
-        whitened = whiten(logit(rc))
+        trust = trusted_axes(gated, cfg.reward_axes)
+        whitened = whiten_trusted(rc, trust)  # = whiten(logit(rc)) when every reward model is trusted
         rows = minibatch_rows(cfg.batch_size, cfg.mini_batch_size, it, cfg.seed, d)
         batches, pstats = prepare_batches(reference, value_model, scored, whitened, rows, cfg, d, dtype)
         t2 = time.perf_counter()
@@ -405,7 +416,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             "reward_logit": logit(rc).mean().item(),  # before whitening (R~c itself has mean 0, std 1)
             "objective": (whitened.mean() - cfg.kl_coef * pstats["kl"]).item(),  # R(g|p) = R~c − β·KL
             "reward_helpfulness": rh.mean().item(), "reward_safety": rs.mean().item(),
-            "gated_by_safety": gated.mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
+            "gated_by_safety": gated.mean().item(), "trusted": trust.float().mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
             "clip_frac": clip_sum, "policy_loss": pg_sum, "value_loss": v_sum,
             "grad_norm": max(g[0] for g in grad_norms), "value_grad_norm": max(g[1] for g in grad_norms),
             "response_len": lengths.mean().item(),

@@ -12,7 +12,8 @@ Each iteration k (RUN = out_dir):
      prompts or when Rs < 0.15, else the helpfulness RM; or the world's graders as an oracle).
      A killed run resamples nothing that was written;
   3. keep the best answer per prompt: RUN/pool/iter-k.jsonl (prompt id, messages, response,
-     reward, iteration);
+     reward, iteration) — optionally only where it clearly beats the prompt's median sample
+     (`min_gap`) and was picked by a reward model the run trusts (`reward_axes`);
   4. choose the fine-tuning set: `pool: all` keeps, per prompt, the best answer of every
      iteration so far (and of `pool_from`, earlier runs' pools re-scored with this run's reward)
      — the paper's choice from RLHF-V3 on, after selecting only from the last iteration's "bag"
@@ -83,6 +84,13 @@ class RejectionSamplingConfig:
     # the selection (they still count in the prompt's median and the stats); the paper's answers end
     # on their own (its limits are far above its answers' lengths).
     drop_truncated: bool = True
+    # Which reward models may pick fine-tuning targets (§3.2.3 uses both). A prompt's best answer
+    # is kept only if its Rc came from a listed one: the safety RM's on safety prompts or when
+    # Rs < threshold, the helpfulness RM's otherwise. Leave out a reward model measured at chance
+    # on the policy's own answers (its held-out accuracy on the latest preference batch, in
+    # `llama2 reward eval` / the pipeline report): its picks are random samples, and fine-tuning
+    # on them moves the model away from its better near-greedy answers.
+    reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
     retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # the sweep's T
@@ -173,6 +181,14 @@ def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
     return pool if min_gap is None else [e for e in pool if e["gap"] >= min_gap]
 
 
+def trusted(pool: list[dict], axes: list[str]) -> list[dict]:
+    """The entries whose Rc came from one of `axes` (see RejectionSamplingConfig.reward_axes)."""
+    from llama2.rlhf_reward import trusted_axes
+
+    keep = trusted_axes(torch.tensor([bool(e["used_safety"]) for e in pool], dtype=torch.bool), axes).tolist()
+    return [e for e, k in zip(pool, keep) if k]
+
+
 def select_pool(pools: list[list[dict]], mode: str) -> list[dict]:
     """The fine-tuning set (§3.2.3): per prompt, the highest-reward entry of the last pool (`last`)
     or of all pools (`all`), `pools` ordered oldest first. Ties go to the more recent pool (its
@@ -243,6 +259,8 @@ def rescore(reward, entries: list[dict], records: list[dict]) -> list[dict]:
 
 def check_config(cfg: RejectionSamplingConfig) -> None:
     """Everything that can be checked before minutes of sampling: paths, ranges, the SFT step."""
+    from llama2.rlhf_reward import check_reward_axes
+
     if not cfg.policy:
         raise ConfigError("policy: the checkpoint to improve is required (e.g. policy=runs/sft/final)")
     if not Path(cfg.policy).exists():
@@ -264,6 +282,7 @@ def check_config(cfg: RejectionSamplingConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.min_gap is not None and cfg.min_gap < 0:
         raise ConfigError(f"min_gap: must be >= 0 (a reward difference) or null, got {cfg.min_gap}")
+    check_reward_axes(cfg.reward_axes)
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")
     if cfg.retune_temperature and (not cfg.temperatures or cfg.tune_n < cfg.k or cfg.tune_prompts < 1):
@@ -287,7 +306,7 @@ def say(text: str) -> None:
 # grow: a finished run continues with more rounds.)
 RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "safety_rm", "safety_threshold", "k",
                "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "min_gap", "drop_truncated",
-               "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
+               "reward_axes", "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
 
 
 def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
@@ -315,7 +334,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     records = load_prompt_records(cfg.prompts, cfg.split, cfg.max_prompts, cfg.seed, "prompts")
     reward = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm, cfg.safety_threshold, cfg.reward_batch_size,
                                where="helpfulness_rm/safety_rm")
-    earlier = [rescore(reward, read_jsonl(Path(p)), records) for p in cfg.pool_from]
+    # re-scored with this run's reward, an earlier pick may now come from an axis this run leaves out
+    earlier = [trusted(rescore(reward, read_jsonl(Path(p)), records), cfg.reward_axes) for p in cfg.pool_from]
     chunks = [records[i:i + cfg.chunk_prompts] for i in range(0, len(records), cfg.chunk_prompts)]
     say(f"{len(records)} prompts ({sum(r['is_safety'] for r in records)} safety) in {len(chunks)} chunks; "
         f"K={cfg.k}, pool={cfg.pool}, {cfg.iterations} iteration(s) -> {out}")
@@ -401,7 +421,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             seconds["scoring"] += part["seconds"]["scoring"]
         # every prompt's best (complete) answer: the best-of-K stats
         candidates = best_per_prompt(records, rows, it, forbidden, cfg.drop_truncated)
-        best = clear_preferences(candidates, cfg.min_gap)
+        best = trusted(clear_preferences(candidates, cfg.min_gap), cfg.reward_axes)
         write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
         # ---- 4. the fine-tuning set: best of all iterations (`all`) or of this one (`last`)
@@ -409,13 +429,14 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         selected = select_pool(pools, cfg.pool)
         if cfg.min_reward is not None:
             selected = [e for e in selected if e["reward"] >= cfg.min_reward]
-        filtered = cfg.min_reward is not None or cfg.min_gap is not None
+        filtered = cfg.min_reward is not None or cfg.min_gap is not None or len(set(cfg.reward_axes)) < 2
         if not selected and not (filtered and candidates and Path(policy).is_dir()):
             cut = sum(s["finish"] == "length" for row in rows for s in row["samples"])
             raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, cut off at max_new_tokens="
                              f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
                              f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
-                             f"min_gap={cfg.min_gap} of their prompt's median); see {sample_dir}")
+                             f"min_gap={cfg.min_gap} of their prompt's median, or picked by a reward model "
+                             f"outside reward_axes={cfg.reward_axes}); see {sample_dir}")
         write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected])
 
         # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
@@ -423,7 +444,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         start = cfg.policy if cfg.init_from == "initial" else policy
         if not selected and not final.is_dir():
             # Nothing cleared min_gap / min_reward: no clear preference to learn, the policy stays.
-            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward}; "
+            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward} "
+                f"/ reward_axes={cfg.reward_axes}; "
                 f"nothing to fine-tune on, {policy} is kept")
             final.parent.mkdir(parents=True, exist_ok=True)
             final.symlink_to(Path(policy).resolve(), target_is_directory=True)
@@ -450,7 +472,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                         "unusable": statistics.fmean(not usable(s["text"], forbidden) for s in samples)},
             "best_of_k": {**summary([e["reward"] for e in candidates]),
                           "used_safety": statistics.fmean(e["used_safety"] for e in candidates) if candidates else 0.0,
-                          "cleared_min_gap": len(best)},
+                          "cleared_min_gap": len(clear_preferences(candidates, cfg.min_gap)),
+                          "kept": len(best)},
             "selected": {**summary([e["reward"] for e in selected]),
                          "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
                          "from_this_iteration": statistics.fmean(
