@@ -99,10 +99,14 @@ def test_reward_model_at_chance_on_the_policy_answers_is_reported(tmp_path, caps
     report_on_policy_accuracy(paper, eval_json, "helpfulness", 2)
     report_on_policy_accuracy(paper, eval_json, "safety", 2)
     report_on_policy_accuracy(paper, eval_json, "safety", 1)  # no such batch: nothing to say
+    eval_json.write_text(json.dumps({"test_sets": {"batch1/safety": {"pairs": 22, "accuracy": 0.545}}}))
+    report_on_policy_accuracy(paper, eval_json, "safety", 1)
     lines = capsys.readouterr().out.splitlines()
     # 53 of 100: Wilson 95% interval [0.433, 0.625] holds 0.5
     assert lines[0].endswith("helpfulness RM: accuracy 0.530 [0.433, 0.625] on 100 held-out pairs of batch 2: "
                              "at chance; left out of reward_axes")
     assert lines[1].endswith("at chance, yet rejection_sampling optimises it (see reward_axes)")
     assert lines[2].endswith("safety RM: accuracy 0.800 [0.739, 0.850] on 200 held-out pairs of batch 2")
-    assert len(lines) == 3
+    assert lines[3].endswith("safety RM: accuracy 0.545 [0.347, 0.731] on 22 held-out pairs of batch 1: "
+                             "too few pairs to tell it from chance")
+    assert len(lines) == 4

@@ -288,8 +288,8 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
 
 def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: str, version: int) -> None:
     """Print the reward model's accuracy on this batch's held-out pairs (the policy's own answers),
-    and say so when it is at chance (its 95% interval holds 0.5) while rejection sampling or PPO
-    still optimise it (`reward_axes`)."""
+    and say so when it is at chance (its 95% interval holds 0.5, over at least 50 pairs) while
+    rejection sampling or PPO still optimise it (`reward_axes`)."""
     from llama2.recipes.evaluate import wilson_interval
 
     if not eval_json.is_file():
@@ -303,7 +303,9 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
     users = [stage for stage in stages
              if objective in (getattr(cfg, stage) or {}).get("reward_axes", ["helpfulness", "safety"])]
     note = ""
-    if lo <= 0.5:
+    if lo <= 0.5 and n < 50:
+        note = ": too few pairs to tell it from chance"
+    elif lo <= 0.5:
         note = (f": at chance, yet {' and '.join(users)} optimise{'s' if len(users) == 1 else ''} it "
                 f"(see reward_axes)" if users
                 else ": at chance; left out of reward_axes")
