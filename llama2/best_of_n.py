@@ -163,9 +163,13 @@ def write_result(result: dict, out_dir: str | Path) -> Path:
     return path
 
 
-def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, seed: int, where: str) -> list[dict]:
-    """Prompt records (`messages` ending with a user turn) of one split; a seeded subset of
-    `max_prompts` (0 = all), in file order so that chunks and seeds are stable across runs."""
+def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, seed: int, where: str,
+                        axes: list[str] | None = None) -> list[dict]:
+    """Prompt records (`messages` ending with a user turn) of one split, only those whose
+    `prompt_axis` is in `axes` if given; a seeded subset of `max_prompts` (0 = all), in file order
+    so that chunks and seeds are stable across runs."""
+    from llama2.rlhf_reward import prompt_axis
+
     import random
 
     from llama2.world.formats import read_records
@@ -175,14 +179,15 @@ def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, s
         if not Path(path).is_file():
             raise ValueError(f"{where}: prompt file not found: {path}")
         for rec in read_records(path, "prompts"):
-            if split is not None and rec["split"] != split:
+            if (split is not None and rec["split"] != split) or (axes is not None and prompt_axis(rec) not in axes):
                 continue
             if rec["id"] in seen:
                 raise ValueError(f"{where}: duplicate prompt id {rec['id']!r} in {path} (first in {seen[rec['id']]})")
             seen[rec["id"]] = path
             records.append(rec)
     if not records:
-        raise ValueError(f"{where}: no prompts of split {split!r} in {', '.join(map(str, paths))}")
+        raise ValueError(f"{where}: no prompts of split {split!r}"
+                         + (f" for reward_axes {axes}" if axes is not None else "") + f" in {', '.join(map(str, paths))}")
     if 0 < max_prompts < len(records):
         keep = sorted(random.Random(seed).sample(range(len(records)), max_prompts))
         records = [records[i] for i in keep]

@@ -93,15 +93,6 @@ def whiten(x: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True) -> torch
     return out if shift_mean else out + mean
 
 
-def whiten_trusted(rc: torch.Tensor, trusted: torch.Tensor) -> torch.Tensor:
-    """PPO's R~c = whiten(logit(Rc)) over the rollouts whose reward is trusted (statistics from
-    those alone); the others get 0, the batch mean, so that only the KL penalty shapes them."""
-    out = torch.zeros_like(rc)
-    if trusted.any():
-        out[trusted] = whiten(logit(rc[trusted]))
-    return out
-
-
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Inverse sigmoid, clamped away from 0 and 1 so that saturated scores stay finite."""
     p = p.clamp(eps, 1 - eps)

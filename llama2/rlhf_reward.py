@@ -24,18 +24,18 @@ REWARD_AXES = ("helpfulness", "safety")
 
 
 def check_reward_axes(axes: list[str], key: str = "reward_axes") -> None:
-    """`reward_axes` (rejection sampling, PPO): a non-empty list of helpfulness and/or safety."""
+    """`reward_axes` (rejection sampling, PPO): a non-empty list of helpfulness and/or safety:
+    the prompts whose rewards are optimised, by `prompt_axis`."""
     from llama2.config import ConfigError
 
     if not axes or not set(axes) <= set(REWARD_AXES):
         raise ConfigError(f"{key}: a non-empty list of helpfulness and/or safety, got {axes}")
 
 
-def trusted_axes(used_safety: torch.Tensor, axes) -> torch.Tensor:
-    """Where Rc came from a reward model listed in `axes`: the safety RM where the gate took Rs
-    (`used_safety`), the helpfulness RM elsewhere. Bool, like `used_safety`."""
-    used_safety = used_safety.bool()
-    return (used_safety & ("safety" in axes)) | (~used_safety & ("helpfulness" in axes))
+def prompt_axis(record: dict) -> str:
+    """Which reward model judges a prompt's answers: `safety` for safety prompts (Rc = Rs always),
+    `helpfulness` for the others (Rc = Rh, or Rs where the gate finds Rs < 0.15)."""
+    return "safety" if record.get("is_safety", False) else "helpfulness"
 
 
 @dataclass

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from llama2.losses import (gae, gated_reward, kl_penalty, logit, masked_mean, ppo_policy_loss, value_loss, whiten,
-                           whiten_trusted)
+from llama2.losses import gae, gated_reward, kl_penalty, logit, masked_mean, ppo_policy_loss, value_loss, whiten
 from llama2.rlhf_reward import GatedReward
 
 
@@ -41,22 +40,6 @@ def test_logit_and_whiten():
     assert w.tolist() == pytest.approx([(v - 3) / math.sqrt(3.5) for v in (1, 2, 3, 6)], abs=1e-6)
     assert whiten(x, shift_mean=False).tolist() == pytest.approx([(v - 3) / math.sqrt(3.5) + 3 for v in (1, 2, 3, 6)],
                                                                  abs=1e-6)
-
-
-def test_untrusted_rewards_are_zero_and_out_of_the_whitening_statistics():
-    from llama2.rlhf_reward import trusted_axes
-
-    used_safety = torch.tensor([True, False, True, False, True])
-    assert trusted_axes(used_safety, ["safety"]).tolist() == [True, False, True, False, True]
-    assert trusted_axes(used_safety, ["helpfulness"]).tolist() == [False, True, False, True, False]
-    assert trusted_axes(used_safety, ["helpfulness", "safety"]).all()
-    rc = torch.tensor([0.5, 0.99, 0.8807970779778823, 0.01, 0.11920292202211755])  # logits 0, ., 2, ., -2
-    out = whiten_trusted(rc, trusted_axes(used_safety, ["safety"]))
-    # the three safety-scored rollouts whitened among themselves (logits 0, 2, -2: mean 0, var 8/3)
-    assert out.tolist() == pytest.approx([0.0, 0.0, 2 / math.sqrt(8 / 3), 0.0, -2 / math.sqrt(8 / 3)], abs=1e-5)
-    everything = torch.ones(5, dtype=torch.bool)
-    assert torch.equal(whiten_trusted(rc, everything), whiten(logit(rc)))  # the paper's R~c, bit for bit
-    assert whiten_trusted(rc, ~everything).tolist() == [0.0] * 5
 
 
 def test_kl_penalty_is_log_ratio():

@@ -275,15 +275,16 @@ def test_early_stopping_exports_the_best_policy(policy_path, prompts_file, world
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
 
 
-def test_reward_axes_leave_untrusted_rollouts_to_the_kl_penalty(policy_path, prompts_file, tmp_path, monkeypatch):
-    # reward_axes=[safety]: only rollouts the gate scored with Rs carry a reward; the log says
-    # which share that was (the safety-tagged prompts of the batch, and answers under Rs < 0.15)
+def test_reward_axes_train_on_the_prompts_of_the_trusted_reward_model(policy_path, prompts_file, tmp_path,
+                                                                        monkeypatch, capsys):
+    # reward_axes=[safety]: only safety prompts are drawn, so the gate takes Rs for every rollout
     monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
     out = tmp_path / "axes"
     main(load_config(PPOConfig, None, overrides(policy_path, prompts_file, out, iterations=1, batch_size=16,
                                                 mini_batch_size=8, reward_axes="[safety]")))
-    row = metrics(out)[1]
-    assert row["trusted"] == pytest.approx(row["gated_by_safety"]) and 0 < row["trusted"] < 1
+    safety = sum(json.loads(x)["is_safety"] for x in prompts_file.read_text().splitlines())
+    assert 16 <= safety < 256 and f"[ppo] {safety} training prompts" in capsys.readouterr().err
+    assert metrics(out)[1]["gated_by_safety"] == 1.0
     with pytest.raises(ConfigError, match="reward_axes"):
         main(load_config(PPOConfig, None, overrides(policy_path, prompts_file, tmp_path / "bad", reward_axes="[]")))
 

@@ -18,7 +18,7 @@ from llama2.best_of_n import best_of_n, best_of_n_curves, choose_temperature, pl
 from llama2.config import ConfigError, load_config
 from llama2.generation import Completion
 from llama2.recipes.rejection_sampling import (RejectionSamplingConfig, best_per_prompt, clear_preferences, main,
-                                              rescore, score_samples, select_pool, trusted)
+                                              score_samples, select_pool)
 from llama2.rlhf_reward import GatedReward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,27 +144,22 @@ def test_min_gap_keeps_only_answers_the_reward_clearly_prefers():
         check_config(RejectionSamplingConfig(policy=str(REPO), prompts=[__file__], min_gap=-0.1))
 
 
-def test_reward_axes_keep_only_picks_of_the_trusted_reward_model():
-    # With only the safety RM trusted, a plain prompt's pick made by Rh is dropped; the safety
-    # prompt's pick stays, and so does a plain prompt's whose answers all fall under Rs < 0.15
-    # (the gate scored them with Rs)
-    helpful = TableScorer({"A": 0.9, "B": 0.2, "C": 0.95, "E": 0.3})
-    safe = TableScorer({"A": 0.4, "B": 0.8, "C": 0.05, "E": 0.1})
-    reward = GatedReward(helpful, safe, threshold=0.15)
-    records = [prompt("safety", True), prompt("plain", False), prompt("all-unsafe", False)]
-    rows = score_samples(reward, records, [["A", "B"], ["A", "B"], ["C", "E"]])
-    pool = best_per_prompt(records, rows, 1)
-    assert [(e["prompt_id"], e["response"], e["used_safety"]) for e in pool] == [
-        ("safety", "B", True), ("plain", "A", False), ("all-unsafe", "E", True)]
-    assert [e["prompt_id"] for e in trusted(pool, ["safety"])] == ["safety", "all-unsafe"]
-    assert [e["prompt_id"] for e in trusted(pool, ["helpfulness"])] == ["plain"]
-    assert trusted(pool, ["helpfulness", "safety"]) == pool
-    assert RejectionSamplingConfig().reward_axes == ["helpfulness", "safety"]  # the paper: both
-    # an earlier pool re-scored with this run's reward takes its axis from the new scores
-    earlier = [{**entry("plain", 0.1, 1, response="B"), "used_safety": True}]
-    rescored = rescore(reward, earlier, records)
-    assert rescored[0]["used_safety"] is False and rescored[0]["reward"] == pytest.approx(0.2)
-    assert trusted(rescored, ["safety"]) == []
+def test_reward_axes_choose_the_prompts_by_the_reward_model_that_judges_them(world_dir):
+    from llama2.best_of_n import load_prompt_records
+    from llama2.rlhf_reward import prompt_axis
+
+    assert prompt_axis({"is_safety": True}) == "safety" and prompt_axis({"is_safety": False}) == "helpfulness"
+    assert prompt_axis({}) == "helpfulness"
+    path = [str(world_dir / "prompts" / "train.jsonl")]
+    every = load_prompt_records(path, "train", 0, 0, "prompts")
+    safety = load_prompt_records(path, "train", 0, 0, "prompts", ["safety"])
+    helpful = load_prompt_records(path, "train", 0, 0, "prompts", ["helpfulness"])
+    assert safety == [r for r in every if r["is_safety"]] and helpful == [r for r in every if not r["is_safety"]]
+    assert load_prompt_records(path, "train", 0, 0, "prompts", ["helpfulness", "safety"]) == every
+    # the subset of max_prompts is drawn from the chosen prompts
+    subset = load_prompt_records(path, "train", 40, 3, "prompts", ["safety"])
+    assert len(subset) == 40 and all(r["is_safety"] for r in subset)
+    assert RejectionSamplingConfig().reward_axes == ["helpfulness", "safety"]  # the paper: all prompts
     from llama2.recipes.rejection_sampling import check_config
 
     for bad in ([], ["helpfulness", "honesty"]):
@@ -346,25 +341,19 @@ def test_no_clear_preference_keeps_the_policy(world_dir, tiny_policy, tmp_path, 
 
 
 def test_reward_axes_in_the_recipe(world_dir, tiny_policy, tmp_path, monkeypatch):
-    # only safety-gated picks reach the pool and the fine-tuning set; the stats say how many the
-    # axis filter left of those that cleared min_gap
+    # only safety prompts are sampled, and so only their answers are fine-tuned on
     monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
     out = tmp_path / "run"
     main(load_config(RejectionSamplingConfig, REPO / "configs" / "rlhf" / "rejection_sampling_tiny.yaml",
                      rs_overrides(world_dir, tiny_policy, out, iterations=1, max_prompts=16,
                                   reward_axes="[safety]")))
-    pool = [json.loads(x) for x in (out / "pool" / "iter-1.jsonl").read_text().splitlines()]
-    samples = [row for p in sorted((out / "iter-1" / "samples").glob("chunk-*.json"))
-               for row in json.loads(p.read_text())["rows"]]
-    from llama2.best_of_n import load_prompt_records
-
-    records = load_prompt_records([str(world_dir / "prompts" / "train.jsonl")], "train", 0, 0, "prompts")
-    every = best_per_prompt(records, samples, 1)
-    assert pool == [e for e in every if e["used_safety"]] and 0 < len(pool) < len(every)
-    stats = json.loads((out / "iter-1" / "stats.json").read_text())
-    assert stats["best_of_k"]["kept"] == len(pool) and stats["best_of_k"]["cleared_min_gap"] == len(every)
+    by_id = {json.loads(x)["id"]: json.loads(x) for x in (world_dir / "prompts" / "train.jsonl").read_text().splitlines()}
+    rows = [row for p in sorted((out / "iter-1" / "samples").glob("chunk-*.json"))
+            for row in json.loads(p.read_text())["rows"]]
+    assert len(rows) == 16 and all(by_id[row["prompt_id"]]["is_safety"] for row in rows)
+    assert all(s["used_safety"] for row in rows for s in row["samples"])  # Rc = Rs on every one
     selected = [json.loads(x) for x in (out / "iter-1" / "selected.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in selected) == sorted(f"rs-{e['prompt_id']}" for e in pool)
+    assert selected and all(by_id[r["id"].removeprefix("rs-")]["is_safety"] for r in selected)
 
 
 def test_killed_sampling_resumes_without_resampling(finished_run, world_dir, tiny_policy, tmp_path):

@@ -34,10 +34,10 @@ from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, sav
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.generation import Generator, SamplingParams
-from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten_trusted
+from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.rlhf_reward import GatedReward, GraderScorer, check_reward_axes, trusted_axes
+from llama2.rlhf_reward import GatedReward, GraderScorer, check_reward_axes, prompt_axis
 from llama2.rollout import (
     PPOBatch,
     Rollout,
@@ -78,10 +78,8 @@ class PPOConfig:
     helpfulness_rm: str = "grader"  # Rh: a reward model checkpoint | grader | module:attr
     safety_rm: str = "grader"  # Rs: likewise
     safety_threshold: float = 0.15  # Rc = Rs when Rs < 0.15 (precision 0.89, recall 0.55 in the paper)
-    # Reward models whose scores PPO optimises (§3.2.3: both). A rollout whose Rc came from one not
-    # listed gets R~c = 0 (whitening uses the others), so only the KL penalty acts on it: leave out
-    # a reward model measured at chance on the policy's own answers (as rejection sampling's
-    # reward_axes).
+    # Which prompts PPO trains and early-stops on, by the reward model that judges them (§3.2.3:
+    # all): `safety` = safety prompts, `helpfulness` = the others (as in rejection sampling).
     reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
     value_model: str = ""  # scalar-head checkpoint; "" = the helpfulness reward model (or, with a
     #                        non-checkpoint reward, the policy's weights under a new zero head)
@@ -118,13 +116,17 @@ class PPOConfig:
 # ----------------------------------------------------------------------------- setup helpers
 
 
-def load_prompts(paths: list[str], fmt, max_tokens: int, what: str) -> tuple[list[dict], list[list[int]], int]:
-    """Prompt records, their ids in the chat format, and how many were too long (skipped, counted)."""
+def load_prompts(paths: list[str], fmt, max_tokens: int, what: str,
+                 axes: list[str] | None = None) -> tuple[list[dict], list[list[int]], int]:
+    """Prompt records (those whose `prompt_axis` is in `axes`, if given), their ids in the chat
+    format, and how many were too long (skipped, counted)."""
     from llama2.world.formats import read_records
 
     records, ids, skipped = [], [], 0
     for p in paths:
         for r in read_records(p, "prompts"):
+            if axes is not None and prompt_axis(r) not in axes:
+                continue
             x = fmt.prompt_ids(r["messages"])
             if len(x) > max_tokens:
                 skipped += 1
@@ -132,7 +134,8 @@ def load_prompts(paths: list[str], fmt, max_tokens: int, what: str) -> tuple[lis
             records.append(r)
             ids.append(x)
     if not records:
-        raise ConfigError(f"{what}: no prompt of at most max_prompt_tokens={max_tokens} tokens in {paths}")
+        raise ConfigError(f"{what}: no prompt of at most max_prompt_tokens={max_tokens} tokens"
+                          + (f" for reward_axes {axes}" if axes is not None else "") + f" in {paths}")
     return records, ids, skipped
 
 
@@ -266,13 +269,10 @@ EVAL_STREAM = 2**31  # the "iteration" whose seeds evaluation samples with: no t
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, fmt, reward, records, prompts, d, dtype, cfg: PPOConfig) -> float:
-    """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable),
-    over the answers whose Rc comes from a reward model in `reward_axes` (0 if none does)."""
+    """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable)."""
     rollouts = generate(policy, tokenizer, fmt, prompts, d, dtype, cfg, EVAL_STREAM, cfg.seed)
-    scored = list(score(reward, records, rollouts, d).values())
-    trust = trusted_axes(torch.tensor([v[4] for v in scored], dtype=torch.bool), cfg.reward_axes).tolist()
-    kept = [v[3] for v, t in zip(scored, trust) if t]
-    return sum(kept) / len(kept) if kept else 0.0
+    scored = score(reward, records, rollouts, d)
+    return sum(v[3] for v in scored.values()) / len(scored)
 
 
 def save_policy(policy, d: Dist, path: Path, args, tokenizer, meta: dict) -> None:
@@ -327,12 +327,13 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     reward = GatedReward(helpful, safety, cfg.safety_threshold)
 
     # ---- prompts
-    records, prompts, skipped = load_prompts(cfg.prompts, fmt, cfg.max_prompt_tokens, "prompts")
+    records, prompts, skipped = load_prompts(cfg.prompts, fmt, cfg.max_prompt_tokens, "prompts", cfg.reward_axes)
     if cfg.batch_size > len(prompts):
         raise ConfigError(f"batch_size={cfg.batch_size} but only {len(prompts)} training prompts")
     eval_records, eval_prompts = [], []
     if cfg.eval_prompts and cfg.eval_every:
-        eval_records, eval_prompts, _ = load_prompts(cfg.eval_prompts, fmt, cfg.max_prompt_tokens, "eval_prompts")
+        eval_records, eval_prompts, _ = load_prompts(cfg.eval_prompts, fmt, cfg.max_prompt_tokens, "eval_prompts",
+                                                     cfg.reward_axes)
         eval_records, eval_prompts = eval_records[: cfg.eval_size], eval_prompts[: cfg.eval_size]
 
     # ---- optimizers, checkpoints (policy + value + both optimizers; RNG per rank), resume
@@ -354,7 +355,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
 
     log = MetricsLogger(out, d, cfg.iterations, "ppo", initial=start)
     if start == 0:
-        log.write(f"[ppo] {len(prompts)} training prompts ({skipped} too long, skipped), {len(eval_prompts)} held out; "
+        axes = "" if set(cfg.reward_axes) == {"helpfulness", "safety"} else f" of reward_axes {cfg.reward_axes}"
+        log.write(f"[ppo] {len(prompts)} training prompts{axes} ({skipped} too long, skipped), {len(eval_prompts)} held out; "
                   f"{cfg.iterations} iterations of {cfg.batch_size} rollouts, mini-batches of {cfg.mini_batch_size}; "
                   f"{d.world_size} rank(s)")
         if eval_prompts:
@@ -374,8 +376,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         #         then the no-grad passes (π_θold, π_0, V), shaped rewards and GAE for this rank's rows
         scored = score(reward, [records[i] for i in batch_idx], rollouts, d)
         rh, rs, rc, gated = (torch.tensor([float(scored[i][k]) for i in range(cfg.batch_size)]) for k in (1, 2, 3, 4))
-        trust = trusted_axes(gated, cfg.reward_axes)
-        whitened = whiten_trusted(rc, trust)  # = whiten(logit(rc)) when every reward model is trusted
+        whitened = whiten(logit(rc))
         rows = minibatch_rows(cfg.batch_size, cfg.mini_batch_size, it, cfg.seed, d)
         batches, pstats = prepare_batches(reference, value_model, scored, whitened, rows, cfg, d, dtype)
         t2 = time.perf_counter()
@@ -416,7 +417,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             "reward_logit": logit(rc).mean().item(),  # before whitening (R~c itself has mean 0, std 1)
             "objective": (whitened.mean() - cfg.kl_coef * pstats["kl"]).item(),  # R(g|p) = R~c − β·KL
             "reward_helpfulness": rh.mean().item(), "reward_safety": rs.mean().item(),
-            "gated_by_safety": gated.mean().item(), "trusted": trust.float().mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
+            "gated_by_safety": gated.mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
             "clip_frac": clip_sum, "policy_loss": pg_sum, "value_loss": v_sum,
             "grad_norm": max(g[0] for g in grad_norms), "value_grad_norm": max(g[1] for g in grad_norms),
             "response_len": lengths.mean().item(),

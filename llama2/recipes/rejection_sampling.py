@@ -4,7 +4,8 @@ like SFT.
 
     llama2 rlhf rejection-sampling --config configs/rlhf/rejection_sampling_tiny.yaml [key=value ...] [--resume]
 
-Each iteration k (RUN = out_dir):
+The prompts are those of `split` whose reward model the run trusts (`reward_axes`: safety prompts,
+helpfulness prompts, or both), then a seeded subset of `max_prompts`. Each iteration k (RUN = out_dir):
   1. optionally re-tune the sampling temperature with a best-of-N sweep (Figure 8):
      RUN/iter-k/best_of_n/ (JSON and plots);
   2. sample K answers per prompt at temperature T, in chunks of prompts written atomically to
@@ -13,7 +14,7 @@ Each iteration k (RUN = out_dir):
      A killed run resamples nothing that was written;
   3. keep the best answer per prompt: RUN/pool/iter-k.jsonl (prompt id, messages, response,
      reward, iteration) — optionally only where it clearly beats the prompt's median sample
-     (`min_gap`) and was picked by a reward model the run trusts (`reward_axes`);
+     (`min_gap`);
   4. choose the fine-tuning set: `pool: all` keeps, per prompt, the best answer of every
      iteration so far (and of `pool_from`, earlier runs' pools re-scored with this run's reward)
      — the paper's choice from RLHF-V3 on, after selecting only from the last iteration's "bag"
@@ -84,12 +85,12 @@ class RejectionSamplingConfig:
     # the selection (they still count in the prompt's median and the stats); the paper's answers end
     # on their own (its limits are far above its answers' lengths).
     drop_truncated: bool = True
-    # Which reward models may pick fine-tuning targets (§3.2.3 uses both). A prompt's best answer
-    # is kept only if its Rc came from a listed one: the safety RM's on safety prompts or when
-    # Rs < threshold, the helpfulness RM's otherwise. Leave out a reward model measured at chance
-    # on the policy's own answers (its held-out accuracy on the latest preference batch, in
-    # `llama2 reward eval` / the pipeline report): its picks are random samples, and fine-tuning
-    # on them moves the model away from its better near-greedy answers.
+    # Which prompts are sampled and fine-tuned on, by the reward model that judges them (§3.2.3:
+    # all): `safety` = the safety prompts (Rc = Rs), `helpfulness` = the others (Rc = Rh, or Rs
+    # below the gate's threshold). Leave out the helpfulness ones when the helpfulness RM is at
+    # chance on the policy's own answers (its accuracy on the latest batch's held-out pairs,
+    # printed by the pipeline): its picks are random samples, and the gate alone would only ever
+    # pick the answers the safety RM likes best there — refusals of prompts that deserve answers.
     reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
     retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
@@ -181,12 +182,6 @@ def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
     return pool if min_gap is None else [e for e in pool if e["gap"] >= min_gap]
 
 
-def trusted(pool: list[dict], axes: list[str]) -> list[dict]:
-    """The entries whose Rc came from one of `axes` (see RejectionSamplingConfig.reward_axes)."""
-    from llama2.rlhf_reward import trusted_axes
-
-    keep = trusted_axes(torch.tensor([bool(e["used_safety"]) for e in pool], dtype=torch.bool), axes).tolist()
-    return [e for e, k in zip(pool, keep) if k]
 
 
 def select_pool(pools: list[list[dict]], mode: str) -> list[dict]:
@@ -331,11 +326,11 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    records = load_prompt_records(cfg.prompts, cfg.split, cfg.max_prompts, cfg.seed, "prompts")
+    records = load_prompt_records(cfg.prompts, cfg.split, cfg.max_prompts, cfg.seed, "prompts", cfg.reward_axes)
     reward = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm, cfg.safety_threshold, cfg.reward_batch_size,
                                where="helpfulness_rm/safety_rm")
     # re-scored with this run's reward, an earlier pick may now come from an axis this run leaves out
-    earlier = [trusted(rescore(reward, read_jsonl(Path(p)), records), cfg.reward_axes) for p in cfg.pool_from]
+    earlier = [rescore(reward, read_jsonl(Path(p)), records) for p in cfg.pool_from]  # this run's prompts only
     chunks = [records[i:i + cfg.chunk_prompts] for i in range(0, len(records), cfg.chunk_prompts)]
     say(f"{len(records)} prompts ({sum(r['is_safety'] for r in records)} safety) in {len(chunks)} chunks; "
         f"K={cfg.k}, pool={cfg.pool}, {cfg.iterations} iteration(s) -> {out}")
@@ -361,7 +356,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             else:
                 t0 = time.perf_counter()
                 # the sweep's prompts are a subset of the training prompts, seeded per iteration
-                sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, cfg.seed + it, "prompts")
+                sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, cfg.seed + it, "prompts",
+                                            cfg.reward_axes)
                 tuned = best_of_n(sampler, reward, sweep, cfg.tune_n, cfg.temperatures, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + it, k=cfg.k, log=say)
                 tuned["policy"] = policy
@@ -421,7 +417,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
             seconds["scoring"] += part["seconds"]["scoring"]
         # every prompt's best (complete) answer: the best-of-K stats
         candidates = best_per_prompt(records, rows, it, forbidden, cfg.drop_truncated)
-        best = trusted(clear_preferences(candidates, cfg.min_gap), cfg.reward_axes)
+        best = clear_preferences(candidates, cfg.min_gap)
         write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
         # ---- 4. the fine-tuning set: best of all iterations (`all`) or of this one (`last`)
@@ -429,14 +425,13 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         selected = select_pool(pools, cfg.pool)
         if cfg.min_reward is not None:
             selected = [e for e in selected if e["reward"] >= cfg.min_reward]
-        filtered = cfg.min_reward is not None or cfg.min_gap is not None or len(set(cfg.reward_axes)) < 2
+        filtered = cfg.min_reward is not None or cfg.min_gap is not None
         if not selected and not (filtered and candidates and Path(policy).is_dir()):
             cut = sum(s["finish"] == "length" for row in rows for s in row["samples"])
             raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, cut off at max_new_tokens="
                              f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
                              f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
-                             f"min_gap={cfg.min_gap} of their prompt's median, or picked by a reward model "
-                             f"outside reward_axes={cfg.reward_axes}); see {sample_dir}")
+                             f"min_gap={cfg.min_gap} of their prompt's median); see {sample_dir}")
         write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected])
 
         # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
@@ -444,8 +439,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         start = cfg.policy if cfg.init_from == "initial" else policy
         if not selected and not final.is_dir():
             # Nothing cleared min_gap / min_reward: no clear preference to learn, the policy stays.
-            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward} "
-                f"/ reward_axes={cfg.reward_axes}; "
+            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward}; "
                 f"nothing to fine-tune on, {policy} is kept")
             final.parent.mkdir(parents=True, exist_ok=True)
             final.symlink_to(Path(policy).resolve(), target_is_directory=True)
@@ -472,8 +466,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                         "unusable": statistics.fmean(not usable(s["text"], forbidden) for s in samples)},
             "best_of_k": {**summary([e["reward"] for e in candidates]),
                           "used_safety": statistics.fmean(e["used_safety"] for e in candidates) if candidates else 0.0,
-                          "cleared_min_gap": len(clear_preferences(candidates, cfg.min_gap)),
-                          "kept": len(best)},
+                          "cleared_min_gap": len(best)},
             "selected": {**summary([e["reward"] for e in selected]),
                          "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
                          "from_this_iteration": statistics.fmean(
