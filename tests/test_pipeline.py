@@ -65,7 +65,7 @@ def test_pipeline_end_to_end_with_a_kill(tmp_path):
     assert "stage 13/15: control" in again.stdout and "v2.eval" not in again.stdout
 
 
-def test_configuration_is_checked_before_any_work(tmp_path):
+def test_configuration_is_checked_before_any_work(tmp_path, world_dir):
     cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "sft.bogus=1"])
     with pytest.raises(ConfigError, match="'sft'.*unknown key 'bogus'"):
         check(cfg)
@@ -77,6 +77,14 @@ def test_configuration_is_checked_before_any_work(tmp_path):
     cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"base_model={tmp_path / 'base'}",
                                              "sft.pretrain_mix=0"])
     with pytest.raises(ConfigError, match="rejection_sampling.sft.pretrain_mix: with base_model"):
+        check(cfg)
+    # the preset samples safety prompts only: a prompt file without any is refused at once
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(line for line in (world_dir / "prompts" / "train.jsonl").read_text().splitlines(True)
+                             if not json.loads(line)["is_safety"]))
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"prompts=[{plain}]"])
+    with pytest.raises(ConfigError, match=r"rejection_sampling.reward_axes: \['safety'\], but prompts .* hold only "
+                                          r"\['helpfulness'\]"):
         check(cfg)
     r = run(tmp_path / "y", "reward.margin=7")
     assert r.returncode == 1 and "margin" in r.stderr and not (tmp_path / "y").exists()

@@ -173,6 +173,17 @@ def check(cfg: PipelineConfig) -> None:
                               f"set {name}.pretrain_data (llama2 data pretokenize) or pretrain_mix: 0")
     if bool(cfg.helpfulness_rm) != bool(cfg.safety_rm) and not cfg.helpfulness_rm:
         raise ConfigError("safety_rm given without helpfulness_rm")
+    # your own prompts must hold some of the kinds rejection sampling and PPO are told to use
+    if cfg.prompts:
+        from llama2.rlhf_reward import prompt_axis
+        from llama2.world.formats import read_records
+
+        kinds = {prompt_axis(r) for p in cfg.prompts for r in read_records(p, "prompts")}
+        for name in ("rejection_sampling", "ppo"):
+            axes = (getattr(cfg, name) or {}).get("reward_axes", ["helpfulness", "safety"])
+            if not kinds & set(axes):
+                raise ConfigError(f"{name}.reward_axes: {axes}, but prompts {cfg.prompts} hold only "
+                                  f"{sorted(kinds)} prompts (a prompt is a safety one when `is_safety` is true)")
 
 
 # ----------------------------------------------------------------------------- stages
