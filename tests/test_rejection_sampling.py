@@ -346,14 +346,35 @@ def test_reward_axes_in_the_recipe(world_dir, tiny_policy, tmp_path, monkeypatch
     out = tmp_path / "run"
     main(load_config(RejectionSamplingConfig, REPO / "configs" / "rlhf" / "rejection_sampling_tiny.yaml",
                      rs_overrides(world_dir, tiny_policy, out, iterations=1, max_prompts=16,
-                                  reward_axes="[safety]")))
+                                  reward_axes="[safety]", replay=f"[{world_dir / 'sft' / 'train.jsonl'}]",
+                                  replay_examples=5, replay_tasks="[borderline]")))
     by_id = {json.loads(x)["id"]: json.loads(x) for x in (world_dir / "prompts" / "train.jsonl").read_text().splitlines()}
     rows = [row for p in sorted((out / "iter-1" / "samples").glob("chunk-*.json"))
             for row in json.loads(p.read_text())["rows"]]
     assert len(rows) == 16 and all(by_id[row["prompt_id"]]["is_safety"] for row in rows)
     assert all(s["used_safety"] for row in rows for s in row["samples"])  # Rc = Rs on every one
     selected = [json.loads(x) for x in (out / "iter-1" / "selected.jsonl").read_text().splitlines()]
-    assert selected and all(by_id[r["id"].removeprefix("rs-")]["is_safety"] for r in selected)
+    picked = [r for r in selected if r["source"] == "rejection_sampling"]
+    assert picked and all(by_id[r["id"].removeprefix("rs-")]["is_safety"] for r in picked)
+    # ... plus 5 replayed SFT dialogs answering borderline prompts
+    replayed = [r for r in selected if r["source"] != "rejection_sampling"]
+    assert len(replayed) == 5 and all(r["task"] == "borderline" for r in replayed)
+    assert json.loads((out / "iter-1" / "stats.json").read_text())["replayed"] == 5
+
+
+def test_replay_draws_seeded_sft_dialogs_of_the_tasks_named(world_dir):
+    from llama2.recipes.rejection_sampling import check_config, replay_dialogs
+
+    path = [str(world_dir / "sft" / "train.jsonl")]
+    a = replay_dialogs(path, 7, ["borderline"], 3)
+    assert len(a) == 7 and all(r["task"] == "borderline" for r in a) and a == replay_dialogs(path, 7, ["borderline"], 3)
+    assert a != replay_dialogs(path, 7, ["borderline"], 4)  # another iteration, another draw
+    every = sum(1 for x in (world_dir / "sft" / "train.jsonl").read_text().splitlines()
+                if json.loads(x).get("task") == "borderline")
+    assert len(replay_dialogs(path, 10**6, ["borderline"], 0)) == every  # fewer than asked: all of them
+    assert replay_dialogs(path, 0, [], 0) == [] and len(replay_dialogs(path, 3, [], 0)) == 3
+    with pytest.raises(ConfigError, match="replay_examples"):
+        check_config(RejectionSamplingConfig(policy=str(REPO), prompts=[__file__], replay_examples=5))
 
 
 def test_killed_sampling_resumes_without_resampling(finished_run, world_dir, tiny_policy, tmp_path):

@@ -330,6 +330,8 @@ def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: b
 
     pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
     over = dict(cfg.rejection_sampling)
+    if over.get("replay_examples") and not over.get("replay"):
+        over["replay"] = run.files(cfg.sft_train, "sft/train.jsonl")  # the run's SFT dialogs
     if "sft" in over:
         over["sft"] = with_pretrain_tokens(run, over["sft"])
     rc = from_dict(RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,

@@ -92,6 +92,14 @@ class RejectionSamplingConfig:
     # printed by the pipeline): its picks are random samples, and the gate alone would only ever
     # pick the answers the safety RM likes best there — refusals of prompts that deserve answers.
     reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
+    # Replay (not in the paper's rejection sampling; its SFT and safety data held such examples):
+    # `replay_examples` dialogs drawn (seeded, per iteration) from the SFT files in `replay`, only
+    # those whose `task` is in `replay_tasks` if given, join each iteration's fine-tuning set. With
+    # safety prompts alone the targets are refusals, and the model learns to refuse borderline
+    # prompts too; helpful answers to borderline prompts (the tiny preset: 60 of them) hold it back.
+    replay: list[str] = field(default_factory=list)
+    replay_examples: int = 0
+    replay_tasks: list[str] = field(default_factory=list)
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
     retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # the sweep's T
@@ -184,6 +192,19 @@ def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
 
 
 
+def replay_dialogs(files: list[str], n: int, tasks: list[str], seed: int) -> list[dict]:
+    """`n` SFT dialog records drawn from `files` (those whose `task` is in `tasks`, if given),
+    seeded; all of them if fewer. Validated like any SFT file (a bad record names file and line)."""
+    import random
+
+    from llama2.world.formats import read_records
+
+    if n <= 0:
+        return []
+    pool = [r for p in files for r in read_records(p, "sft") if not tasks or r.get("task") in tasks]
+    return pool if len(pool) <= n else random.Random(seed).sample(pool, n)
+
+
 def select_pool(pools: list[list[dict]], mode: str) -> list[dict]:
     """The fine-tuning set (§3.2.3): per prompt, the highest-reward entry of the last pool (`last`)
     or of all pools (`all`), `pools` ordered oldest first. Ties go to the more recent pool (its
@@ -262,7 +283,7 @@ def check_config(cfg: RejectionSamplingConfig) -> None:
         raise ConfigError(f"policy: checkpoint not found: {cfg.policy}")
     if not cfg.prompts:
         raise ConfigError("prompts: at least one prompt file is required (e.g. prompts=[world/prompts/train.jsonl])")
-    for key, paths in (("prompts", cfg.prompts), ("pool_from", cfg.pool_from)):
+    for key, paths in (("prompts", cfg.prompts), ("pool_from", cfg.pool_from), ("replay", cfg.replay)):
         for p in paths:
             if not Path(p).is_file():
                 raise ConfigError(f"{key}: file not found: {p}")
@@ -278,6 +299,8 @@ def check_config(cfg: RejectionSamplingConfig) -> None:
     if cfg.min_gap is not None and cfg.min_gap < 0:
         raise ConfigError(f"min_gap: must be >= 0 (a reward difference) or null, got {cfg.min_gap}")
     check_reward_axes(cfg.reward_axes)
+    if cfg.replay_examples < 0 or (cfg.replay_examples and not cfg.replay):
+        raise ConfigError(f"replay_examples: {cfg.replay_examples} needs >= 0 and SFT files in replay (got {cfg.replay})")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")
     if cfg.retune_temperature and (not cfg.temperatures or cfg.tune_n < cfg.k or cfg.tune_prompts < 1):
@@ -301,7 +324,7 @@ def say(text: str) -> None:
 # grow: a finished run continues with more rounds.)
 RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "safety_rm", "safety_threshold", "k",
                "temperature", "top_p", "max_new_tokens", "pool", "pool_from", "min_reward", "min_gap", "drop_truncated",
-               "reward_axes", "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
+               "reward_axes", "replay", "replay_examples", "replay_tasks", "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
 
 
 def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
@@ -432,7 +455,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                              f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
                              f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
                              f"min_gap={cfg.min_gap} of their prompt's median); see {sample_dir}")
-        write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected])
+        replayed = replay_dialogs(cfg.replay, cfg.replay_examples, cfg.replay_tasks, cfg.seed * 1000 + it)
+        write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected] + replayed)
 
         # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
         t0 = time.perf_counter()
@@ -448,6 +472,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                                             out_dir=str(it_dir / "sft")), tok, max_seq_len, it)
             sft_resume = any((it_dir / "sft" / "checkpoints").glob("step-*/train_state.json"))
             say(f"iteration {it}: fine-tuning {start} on {len(selected)} answers"
+                + (f" and {len(replayed)} replayed SFT dialogs" if replayed else "")
                 + (" (resuming)" if sft_resume else ""))
             sft_main(sft_cfg, resume=sft_resume)
         seconds["fine_tuning"] = time.perf_counter() - t0
@@ -471,6 +496,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
                          "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
                          "from_this_iteration": statistics.fmean(
                              e["iteration"] == it and not e.get("rescored") for e in selected) if selected else 0.0},
+            "replayed": len(replayed),
             "sft_final_loss": _last_loss(it_dir / "sft" / "metrics.jsonl"),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "sampling_tokens_per_s": tokens / seconds["sampling"] if seconds["sampling"] else None,
