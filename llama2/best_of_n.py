@@ -168,10 +168,9 @@ def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, s
     """Prompt records (`messages` ending with a user turn) of one split, only those whose
     `prompt_axis` is in `axes` if given; a seeded subset of `max_prompts` (0 = all), in file order
     so that chunks and seeds are stable across runs."""
-    from llama2.rlhf_reward import prompt_axis
-
     import random
 
+    from llama2.rlhf_reward import prompt_axis
     from llama2.world.formats import read_records
 
     records, seen = [], {}

@@ -175,12 +175,12 @@ def check(cfg: PipelineConfig) -> None:
         raise ConfigError("safety_rm given without helpfulness_rm")
     # your own prompts must hold some of the kinds rejection sampling and PPO are told to use
     if cfg.prompts:
-        from llama2.rlhf_reward import prompt_axis
+        from llama2.rlhf_reward import REWARD_AXES, prompt_axis
         from llama2.world.formats import read_records
 
         kinds = {prompt_axis(r) for p in cfg.prompts for r in read_records(p, "prompts")}
         for name in ("rejection_sampling", "ppo"):
-            axes = (getattr(cfg, name) or {}).get("reward_axes", ["helpfulness", "safety"])
+            axes = (getattr(cfg, name) or {}).get("reward_axes", REWARD_AXES)
             if not kinds & set(axes):
                 raise ConfigError(f"{name}.reward_axes: {axes}, but prompts {cfg.prompts} hold only "
                                   f"{sorted(kinds)} prompts (a prompt is a safety one when `is_safety` is true)")
@@ -302,6 +302,7 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
     and say so when it is at chance (its 95% interval holds 0.5, over at least 50 pairs) while
     rejection sampling or PPO still optimise it (`reward_axes`)."""
     from llama2.recipes.evaluate import wilson_interval
+    from llama2.rlhf_reward import REWARD_AXES
 
     if not eval_json.is_file():
         return
@@ -312,7 +313,7 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
     lo, hi = wilson_interval(round(acc * n), n)
     stages = ["rejection_sampling"] + (["ppo"] if f"v{version}.ppo" in stage_names(cfg) else [])
     users = [stage for stage in stages
-             if objective in (getattr(cfg, stage) or {}).get("reward_axes", ["helpfulness", "safety"])]
+             if objective in (getattr(cfg, stage) or {}).get("reward_axes", REWARD_AXES)]
     note = ""
     if lo <= 0.5 and n < 50:
         note = ": too few pairs to tell it from chance"

@@ -37,7 +37,7 @@ from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.rlhf_reward import GatedReward, GraderScorer, check_reward_axes, prompt_axis
+from llama2.rlhf_reward import REWARD_AXES, GatedReward, GraderScorer, check_reward_axes, prompt_axis
 from llama2.rollout import (
     PPOBatch,
     Rollout,
@@ -80,7 +80,7 @@ class PPOConfig:
     safety_threshold: float = 0.15  # Rc = Rs when Rs < 0.15 (precision 0.89, recall 0.55 in the paper)
     # Which prompts PPO trains and early-stops on, by the reward model that judges them (§3.2.3:
     # all): `safety` = safety prompts, `helpfulness` = the others (as in rejection sampling).
-    reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
+    reward_axes: list[str] = field(default_factory=lambda: list(REWARD_AXES))
     value_model: str = ""  # scalar-head checkpoint; "" = the helpfulness reward model (or, with a
     #                        non-checkpoint reward, the policy's weights under a new zero head)
     prompts: list[str] = field(default_factory=list)  # prompt files (JSONL/Parquet `prompts` records)
@@ -355,7 +355,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
 
     log = MetricsLogger(out, d, cfg.iterations, "ppo", initial=start)
     if start == 0:
-        axes = "" if set(cfg.reward_axes) == {"helpfulness", "safety"} else f" of reward_axes {cfg.reward_axes}"
+        axes = "" if set(cfg.reward_axes) == set(REWARD_AXES) else f" of reward_axes {cfg.reward_axes}"
         log.write(f"[ppo] {len(prompts)} training prompts{axes} ({skipped} too long, skipped), {len(eval_prompts)} held out; "
                   f"{cfg.iterations} iterations of {cfg.batch_size} rollouts, mini-batches of {cfg.mini_batch_size}; "
                   f"{d.world_size} rank(s)")

@@ -47,6 +47,7 @@ import torch
 from llama2.config import ConfigError, load_config, save_config
 from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
 from llama2.recipes.sft import SFTConfig
+from llama2.rlhf_reward import REWARD_AXES, check_reward_axes
 from llama2.world.formats import SPECIAL_TAGS
 
 
@@ -91,7 +92,7 @@ class RejectionSamplingConfig:
     # chance on the policy's own answers (its accuracy on the latest batch's held-out pairs,
     # printed by the pipeline): its picks are random samples, and the gate alone would only ever
     # pick the answers the safety RM likes best there — refusals of prompts that deserve answers.
-    reward_axes: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
+    reward_axes: list[str] = field(default_factory=lambda: list(REWARD_AXES))
     # Replay (not in the paper's rejection sampling; its SFT and safety data held such examples):
     # `replay_examples` dialogs drawn (seeded, per iteration) from the SFT files in `replay`, only
     # those whose `task` is in `replay_tasks` if given, join each iteration's fine-tuning set. With
@@ -190,8 +191,6 @@ def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
     return pool if min_gap is None else [e for e in pool if e["gap"] >= min_gap]
 
 
-
-
 def replay_dialogs(files: list[str], n: int, tasks: list[str], seed: int) -> list[dict]:
     """`n` SFT dialog records drawn from `files` (those whose `task` is in `tasks`, if given),
     seeded; all of them if fewer. Validated like any SFT file (a bad record names file and line)."""
@@ -275,8 +274,6 @@ def rescore(reward, entries: list[dict], records: list[dict]) -> list[dict]:
 
 def check_config(cfg: RejectionSamplingConfig) -> None:
     """Everything that can be checked before minutes of sampling: paths, ranges, the SFT step."""
-    from llama2.rlhf_reward import check_reward_axes
-
     if not cfg.policy:
         raise ConfigError("policy: the checkpoint to improve is required (e.g. policy=runs/sft/final)")
     if not Path(cfg.policy).exists():
@@ -352,7 +349,6 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     records = load_prompt_records(cfg.prompts, cfg.split, cfg.max_prompts, cfg.seed, "prompts", cfg.reward_axes)
     reward = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm, cfg.safety_threshold, cfg.reward_batch_size,
                                where="helpfulness_rm/safety_rm")
-    # re-scored with this run's reward, an earlier pick may now come from an axis this run leaves out
     earlier = [rescore(reward, read_jsonl(Path(p)), records) for p in cfg.pool_from]  # this run's prompts only
     chunks = [records[i:i + cfg.chunk_prompts] for i in range(0, len(records), cfg.chunk_prompts)]
     say(f"{len(records)} prompts ({sum(r['is_safety'] for r in records)} safety) in {len(chunks)} chunks; "
