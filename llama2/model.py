@@ -367,7 +367,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, layer: int = 0,
+                keep: torch.Tensor | None = None):
+        """x (B, T, dim) -> (B, T, dim); with `keep` (flat indices into the B x T positions) only
+        those positions' outputs, (K, dim): every position is still a key and value."""
         B, T, _ = x.shape
         # Three products, not one on torch.cat([wq, wk, wv]): fusing at compute time (and w1|w3 below)
         # bought nothing measurable in a training step of the 20M benchmark model (0.96-1.04x over
@@ -378,7 +381,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, Ragged):  # (1, N) row of sequences: attend within each, in padded copies
-            return linear(mask.attention(q, k, v, gqa), self.wo.weight)
+            return linear(_keep_rows(mask.attention(q, k, v, gqa), keep), self.wo.weight)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
@@ -386,7 +389,12 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return linear(out.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
+        return linear(_keep_rows(out.transpose(1, 2).reshape(B, T, -1), keep), self.wo.weight)
+
+
+def _keep_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, d) itself, or its positions `keep` (flat indices into B x T, no repeats) as (K, d)."""
+    return x if keep is None else _TakeRows.apply(x.reshape(-1, x.shape[-1]), keep)
 
 
 class FeedForward(nn.Module):
@@ -409,8 +417,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache, self.layer_id)
+    def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, keep: torch.Tensor | None = None):
+        h = _keep_rows(x, keep) + self.attention(self.attention_norm(x), freqs_cis, mask, cache, self.layer_id, keep)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -449,7 +457,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # The table is given, not drawn by nn.Embedding: its normal_ on the meta device (build_model)
+        # imports torch._dynamo, 1.3 s of every process's start-up. Off meta, the same N(0, 1) draw.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # The next-token head, or for reward/value models a scalar regression head in its place (§3.2.2).
@@ -483,6 +495,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         lengths: Ragged | list[int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) (or (B, 1, vocab) with `last_only`; vocab = 1 for a scalar head).
 
@@ -491,6 +504,11 @@ class Transformer(nn.Module):
         return_hidden: return the final normalised hidden states (B, T, dim) instead of logits.
         lengths: tokens is one row (1, N) of sequences of these lengths end to end (see `Ragged`):
             each sequence is computed as if alone, with no padding; outputs are (1, N, ...).
+        keep: (K,) flat indices into the B x T positions, increasing: the output is then those
+            positions' logits (K, vocab) (or hidden states (K, dim)), as `out.flatten(0, 1)[keep]`.
+            The last block's attention output projection and feed-forward, the final norm and the
+            head run only there (no other position's output depends on them): answer tokens of
+            SFT and PPO, the last token of a reward model's sequences.
         """
         B, T = tokens.shape
         if lengths is not None:
@@ -498,22 +516,28 @@ class Transformer(nn.Module):
             if B != 1 or ragged.total != T or cache is not None or doc_ids is not None or last_only:
                 raise ValueError(f"ragged input is one row of sum(lengths) = {ragged.total} tokens without a cache, "
                                  f"doc_ids or last_only; got tokens {tuple(tokens.shape)}")
-            return self._forward(tokens, ragged.positions, ragged, None, False, return_hidden)
+            return self._forward(tokens, ragged.positions, ragged, None, False, return_hidden, keep)
+        if keep is not None and (cache is not None or last_only):
+            raise ValueError("keep cannot be combined with a KV cache or last_only")
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         mask = attention_mask(T, doc_ids=doc_ids, cache=cache, device=tokens.device)
-        return self._forward(tokens, positions, mask, cache, last_only, return_hidden)
+        return self._forward(tokens, positions, mask, cache, last_only, return_hidden, keep)
 
-    def _forward(self, tokens, positions, mask, cache, last_only, return_hidden):
+    def _forward(self, tokens, positions, mask, cache, last_only, return_hidden, keep=None):
         T = tokens.shape[1]
         freqs_cis = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            sel = keep if i == last else None  # earlier blocks: every position feeds later keys/values
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, freqs_cis, mask, cache, use_reentrant=False)
+                h = checkpoint(layer, h, freqs_cis, mask, cache, sel, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, mask, cache)
+                h = layer(h, freqs_cis, mask, cache, sel)
+        if keep is not None and last < 0:
+            h = _keep_rows(h, keep)
         if cache is not None:
             cache.length += T
         if last_only:

@@ -147,6 +147,42 @@ def test_ragged_row_equals_each_sequence_alone_with_gradients(name, lengths, gro
         model(row, lengths=[0, *lengths])
 
 
+@pytest.mark.parametrize("layout", ["batch", "packed-documents", "ragged"])
+def test_keep_equals_the_full_forward_at_those_positions_with_gradients(layout):
+    """`keep` (SFT's answer tokens, PPO's actions, a reward model's last tokens): the outputs and
+    weight gradients are those of the full forward read at the kept positions, with checkpointing too."""
+    model = tiny_model(**CONFIGS["gqa-untied"]).train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 101, (2, 12), generator=g)
+    kw = {"batch": {}, "packed-documents": {"doc_ids": torch.tensor([[0] * 5 + [1] * 7, [0] * 12])},
+          "ragged": {"lengths": [5, 9, 10]}}[layout]
+    if layout == "ragged":
+        x = x.reshape(1, 24)
+    keep = torch.tensor([0, 3, 4, 11, 12, 17, 23])
+    weights = torch.randn(len(keep), 101, generator=g)
+
+    def run(with_keep: bool, checkpointing: bool = False):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        out = model(x, keep=keep, **kw) if with_keep else model(x, **kw).flatten(0, 1)[keep]
+        (out * weights).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, g_full = run(False)
+    for checkpointing in (False, True):
+        out, grads = run(True, checkpointing)
+        assert out.shape == (len(keep), 101)
+        torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads, g_full):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    model.activation_checkpointing = False
+    hidden = model(x, keep=keep, return_hidden=True, **kw)
+    assert hidden.shape == (len(keep), 64)
+    assert model(x, keep=keep[:0], **kw).shape == (0, 101)  # nothing kept: an empty batch of outputs
+    with pytest.raises(ValueError, match="keep cannot"):
+        model(torch.randint(0, 101, (2, 4)), keep=keep[:1], last_only=True)
+
+
 def test_meta_device_build_and_assign():
     src = tiny_model(**CONFIGS["gqa-tied"])
     with torch.device("meta"):
