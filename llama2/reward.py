@@ -79,7 +79,7 @@ def packed_scores(model: Transformer, seqs: Sequence[Sequence[int]], device=None
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     tokens = torch.as_tensor(np.concatenate([np.asarray(seqs[i], dtype=np.int64) for i in order]))[None].to(device)
     ragged = Ragged([len(seqs[i]) for i in order], tokens.device)
-    scores = model(tokens, lengths=ragged)[0, ragged.ends, 0].float()
+    scores = model(tokens, lengths=ragged, keep=ragged.ends)[:, 0].float()  # the last block only there
     return torch.empty_like(scores).index_copy_(0, torch.tensor(order, device=scores.device), scores)
 
 

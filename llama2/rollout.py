@@ -166,19 +166,22 @@ def pack_rollouts(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, 
     return tokens, mask[:, :-1], lengths
 
 
+def action_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the (B, T) tokens of the N positions that `mask` (B, T - 1) marks, row-major:
+    the `keep` of a model forward whose outputs are read only there (llama2.model.Transformer)."""
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    return rows * (mask.shape[1] + 1) + cols
+
+
 def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                    sharded: bool = False, lengths: list[int] | None = None) -> torch.Tensor:
+                    lengths: list[int] | None = None) -> torch.Tensor:
     """Next-token logits (N, V) at the N response positions of `mask`, in row-major order.
 
-    The output head is a third of a small model's forward (vocab x dim per token): it runs on the
-    response positions only, not on prompt and padding. Under FSDP the head's weight is sharded
-    outside the model's forward, so there the full logits are computed and then selected.
-    `lengths`: tokens is a packed row from `pack_rollouts`.
+    The output head (a third of a small model's forward: vocab x dim per token) and the last
+    block's projection and feed-forward run on the response positions only, not on prompt and
+    padding (`keep`). `lengths`: tokens is a packed row from `pack_rollouts`.
     """
-    sel = mask.bool()
-    if sharded:
-        return model(tokens, lengths=lengths)[:, :-1][sel]
-    return model.head(model(tokens, return_hidden=True, lengths=lengths)[:, :-1][sel])  # (N, dim) -> (N, V)
+    return model(tokens, lengths=lengths, keep=action_positions(mask))
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

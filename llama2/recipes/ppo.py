@@ -35,12 +35,13 @@ from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
-from llama2.model import ModelArgs
+from llama2.model import ModelArgs, Ragged
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.rlhf_reward import REWARD_AXES, GatedReward, GraderScorer, check_reward_axes, prompt_axis
 from llama2.rollout import (
     PPOBatch,
     Rollout,
+    action_positions,
     consolidated_policy,
     generation_chunks,
     global_whiten,
@@ -48,7 +49,6 @@ from llama2.rollout import (
     logprobs_and_entropy,
     pack_rollouts,
     pad_rollouts,
-    response_logits,
     sample_rollouts,
     scatter,
     shaped_rewards,
@@ -90,6 +90,9 @@ class PPOConfig:
     batch_size: int = 512  # prompts (= rollouts) per PPO iteration (§3.2.3)
     mini_batch_size: int = 64  # rollouts per gradient step, all ranks together; one pass (§3.2.3)
     micro_batch_size: int = 8  # rollouts per rank per forward/backward (memory only: same update)
+    forward_batch_size: int = 0  # rollouts per rank per no-grad pass (reference log-probs, values) before
+    #                              the updates; 0 = micro_batch_size. These passes keep no activations,
+    #                              so they can take more at once (trl's local_rollout_forward_batch_size)
     generation_batch_size: int = 64  # prompts sampled together (one seed per chunk)
     max_prompt_tokens: int = 1024  # longer prompts are skipped (and counted)
     max_new_tokens: int = 512  # answer length cap
@@ -224,8 +227,9 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
     stats = torch.zeros(3, dtype=torch.float64)  # Σ KL per sequence, tokens, sequences
     per_row = {}  # batch position -> (old log-probs, values, advantages, returns), each (n_i,)
     mine = sorted((i for mb in rows for i in mb), key=lambda i: (rollout_length(scored, i), i))
-    for s in range(0, len(mine), cfg.micro_batch_size):
-        part = mine[s: s + cfg.micro_batch_size]
+    step = cfg.forward_batch_size or cfg.micro_batch_size
+    for s in range(0, len(mine), step):
+        part = mine[s: s + step]
         rolls = [scored[i][0] for i in part]
         tokens, rmask, lengths = pack_rollouts(rolls)  # the model passes: one unpadded row
         tokens, rmask = tokens.to(d.device), rmask.to(d.device)
@@ -233,8 +237,10 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
         sel, rsel = mask.bool(), rmask.bool()
         targets = tokens[:, 1:][rsel]
         with autocast(d.device, dtype):
-            ref_logits = response_logits(reference, tokens, rmask, d.enabled, lengths)  # (N, V)
-            values = value_model(tokens, lengths=lengths)[:, :-1, 0][rsel].float()  # V before each token
+            # outputs at the N action positions only (`keep`): the head and the last block's rest run there
+            ragged, keep = Ragged(lengths, d.device), action_positions(rmask)
+            ref_logits = reference(tokens, lengths=ragged, keep=keep)  # (N, V)
+            values = value_model(tokens, lengths=ragged, keep=keep)[:, 0].float()  # V before each token
         logp = torch.tensor([x for i in part for x in scored[i][0].logprobs], device=d.device)  # θ_old
         ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
         del ref_logits
@@ -391,8 +397,9 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             for b in micro:
                 weight = b.mask.sum().item() / n_tokens.item() * d.world_size
                 with autocast(d.device, dtype):
-                    logits = response_logits(policy, b.tokens, b.mask, d.enabled, b.lengths)  # (N, V)
-                    values = value_model(b.tokens, lengths=b.lengths)[:, :-1, 0][b.mask.bool()].float()  # (N,)
+                    ragged, keep = Ragged(b.lengths, d.device), action_positions(b.mask)
+                    logits = policy(b.tokens, lengths=ragged, keep=keep)  # (N, V) at the response positions
+                    values = value_model(b.tokens, lengths=ragged, keep=keep)[:, 0].float()  # (N,)
                 # entropy of π_θ on the response tokens, read off the update's own forward (as trl does)
                 logp, entropy = logprobs_and_entropy(logits, b.tokens[:, 1:][b.mask.bool()], cfg.temperature)
                 every = torch.ones_like(logp)  # PPOBatch holds response tokens only: all count

@@ -67,8 +67,19 @@ def load_dialogs(paths: list[str], split: str | None = None) -> list[dict]:
     return records
 
 
-def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return lm_loss(logits, targets, reduction="sum")
+def answer_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions with a loss (answer tokens): the `keep` of the model's forward,
+    which then runs the head (and the last block's feed-forward) there only, not on prompts."""
+    return (targets.flatten() != IGNORE).nonzero().squeeze(1)
+
+
+def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the logits (K, V) at positions `keep` of targets (B, T)."""
+    return lm_loss(logits[None], targets.flatten()[keep][None], reduction="sum")
+
+
+def answer_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    return model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"], keep=keep)
 
 
 def evaluate(model, loader, d, dtype) -> float:
@@ -78,10 +89,11 @@ def evaluate(model, loader, d, dtype) -> float:
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(d.device) for k, v in batch.items()}
+            keep = answer_positions(batch["targets"])
             with autocast(d.device, dtype):
-                logits = model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
-            total += torch.tensor([masked_ce_sum(logits, batch["targets"]).item(),
-                                   (batch["targets"] != IGNORE).sum().item()], dtype=torch.float64)
+                logits = answer_logits(model, batch, keep)
+            total += torch.tensor([masked_ce_sum(logits, batch["targets"], keep).item(), len(keep)],
+                                  dtype=torch.float64)
     model.train()
     total = all_reduce_sum(total, d)
     return (total[0] / total[1].clamp(min=1)).item()
@@ -171,9 +183,10 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
         scale = d.world_size / n_tokens.clamp(min=1).item()  # FSDP averages gradients over ranks
         sft_sum, pt_sum = 0.0, 0.0
         for batch in batches:
+            keep = answer_positions(batch["targets"])
             with autocast(d.device, dtype):
-                logits = model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
-            loss = masked_ce_sum(logits, batch["targets"]) * scale
+                logits = answer_logits(model, batch, keep)
+            loss = masked_ce_sum(logits, batch["targets"], keep) * scale
             sft_sum += loss.item() / d.world_size
             if pretrain is not None:
                 pb = {k: v.to(d.device) for k, v in next(pretrain).items()}
