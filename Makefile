@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
-export OMP_WAIT_POLICY ?= PASSIVE
+# The test suite runs recipes in subprocesses beside pytest: idle OpenMP threads must sleep, not
+# spin (llama2/__init__.py chooses the policy for a job alone on the cores).
+test test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo chat test test-fast bench clean
 

@@ -10,16 +10,22 @@ subprocess of this same script (`--trl-worker`). Both sides get:
   randomly initialised; the reference policy is a frozen copy; reward and value models share its
   trunk under one scalar head;
 - the same prompts of the built-in world as token ids in the Llama 2 chat format;
+- the no-grad passes (reward, reference, values) over the whole batch at once (trl's
+  local_rollout_forward_batch_size, our forward_batch_size and reward_batch_size);
 - temperature-1 sampling of `--response-length` tokens (a random model almost never samples EOS,
   so both sides generate full-length answers), β 0.01, clip 0.2, γ 1, λ 0.95, lr 1e-5, one PPO epoch;
-- the same threads (`--threads`), one process each, alternating ours / trl `--repeats` times.
+- the same threads (`--threads`), one process each, alternating ours / trl `--repeats` times;
+- the same OpenMP wait policy: OpenMP's default (idle threads spin a few ms, then sleep), which is
+  what each gets alone on the cores; `--omp-wait-policy passive` gives both PASSIVE, the setting
+  for processes that share cores (measurements before 2026-11-27 used it: 1.82-2.04x).
 
 The split of an iteration: generation (sampling), scoring (reward model and the no-grad passes:
 reference log-probs, values, and for us the old log-probs, which trl takes from generation's
 logits), training (the PPO updates). Ours reads it from the recipe's own metrics (the same run a
 user gets: `llama2 rlhf ppo`); trl's is measured around its `batch_generation` call, its first
 training forward and the end of its step. The first `--warmup` iterations of each process are
-not counted; the table shows medians over the remaining iterations of all repeats.
+not counted; the table shows medians over the remaining iterations of all repeats, and the last
+line the ratio of each repeat (its two processes ran one after the other) and their median.
 Difference in semantics (not in work): with per_device_train_batch_size = mini-batch and
 gradient_accumulation_steps = batch / mini-batch, trl's `accelerator.accumulate` steps the
 optimizer once per batch, we once per mini-batch (§3.2.3); both run the same forward/backward passes.
@@ -85,6 +91,7 @@ def run_ours(work: Path, a, out: Path, env: dict) -> list[dict]:
            f"prompts=[{work / 'prompts.jsonl'}]", f"helpfulness_rm={work / 'reward'}", f"safety_rm={work / 'reward'}",
            f"batch_size={a.batch}", f"mini_batch_size={a.mini_batch}", f"micro_batch_size={a.mini_batch}",
            f"generation_batch_size={a.batch}", f"reward_batch_size={a.batch}", f"max_prompt_tokens={a.max_prompt_tokens}",
+           f"forward_batch_size={a.batch}",  # the no-grad passes, as trl's local_rollout_forward_batch_size
            f"max_new_tokens={a.response_length}", f"iterations={iterations}", "eval_every=0", "ckpt_every=0",
            "kl_coef=0.01", "optim.lr=1e-5", "value_optim.lr=1e-5", "temperature=1.0", "device=cpu", "dtype=float32"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -187,6 +194,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per process (first-call costs)")
     p.add_argument("--repeats", type=int, default=3, help="alternating ours/trl process pairs")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--omp-wait-policy", choices=["default", "passive"], default="default",
+                   help="OpenMP wait policy of both sides (default: OpenMP's own, each side being alone on the cores)")
     p.add_argument("--work", default=str(REPO / "runs" / "bench_ppo_step"))
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -199,27 +208,38 @@ def main() -> int:
 
     python = trl_python(probe="trl.experimental.ppo")
     info = prepare(work, a.batch * (a.warmup + a.iterations), a.max_prompt_tokens)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "OMP_WAIT_POLICY": "PASSIVE", "LLAMA2_NO_PROGRESS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "LLAMA2_NO_PROGRESS": "1",
            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    # Each side runs alone on the cores, as `llama2 rlhf ppo` or a trl script would: OpenMP's default
+    # wait policy for both, unless --omp-wait-policy passive (what runs beside other jobs use).
+    env.pop("OMP_WAIT_POLICY", None)
+    if a.omp_wait_policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     print(f"[bench] tiny preset, vocab {info['vocab']}, batch {a.batch}, mini-batch {a.mini_batch}, "
           f"{a.response_length}-token answers, {info['mean_prompt_tokens']:.0f}-token prompts on average, "
-          f"{a.threads} threads; {a.repeats} x ({a.warmup} + {a.iterations}) iterations per side", flush=True)
-    ours, trl = [], []
+          f"{a.threads} threads, OpenMP wait policy {a.omp_wait_policy}; "
+          f"{a.repeats} x ({a.warmup} + {a.iterations}) iterations per side", flush=True)
+    ours, trl, ratios = [], [], []
     for rep in range(a.repeats):  # alternate, so that a slow spell of a shared machine hits both sides
-        ours += run_ours(work, a, work / f"ours-{rep}", env)
-        trl += run_trl(python, work, a, env)
-        print(f"[bench] repeat {rep + 1}/{a.repeats}: ours {statistics.median(r['total'] for r in ours):.2f} s, "
-              f"trl {statistics.median(r['total'] for r in trl):.2f} s per iteration so far", flush=True)
+        mine, theirs = run_ours(work, a, work / f"ours-{rep}", env), run_trl(python, work, a, env)
+        ours, trl = ours + mine, trl + theirs
+        # the pair's ratio: both sides ran within the same minute (robust to the machine's slow drift)
+        ratios.append(statistics.median(r["total"] for r in theirs) / statistics.median(r["total"] for r in mine))
+        print(f"[bench] repeat {rep + 1}/{a.repeats}: ours {statistics.median(r['total'] for r in mine):.2f} s, "
+              f"trl {statistics.median(r['total'] for r in theirs):.2f} s per iteration, ratio {ratios[-1]:.2f}x",
+              flush=True)
     med = {side: {k: statistics.median(r[k] for r in rows) for k in PHASES + ("response_len",)}
            for side, rows in (("ours", ours), ("trl", trl))}
     print(f"\n{'phase':<12}{'ours (s)':>10}{'trl (s)':>10}{'trl / ours':>12}")
     for k in PHASES:
         print(f"{k:<12}{med['ours'][k]:>10.3f}{med['trl'][k]:>10.3f}{med['trl'][k] / med['ours'][k]:>11.2f}x")
     print(f"{'answer len':<12}{med['ours']['response_len']:>10.1f}{med['trl']['response_len']:>10.1f}")
+    print(f"\ntotal, trl / ours per repeat: {' '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
     import torch
 
     result = {"settings": {**vars(a), **info}, "torch": torch.__version__, "median": med,
-              "iterations": {"ours": ours, "trl": trl}}
+              "repeat_ratios": ratios, "iterations": {"ours": ours, "trl": trl}}
     (work / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n[bench] {work / 'results.json'}")
     return 0

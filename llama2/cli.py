@@ -45,10 +45,7 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # PyTorch's OpenMP threads busy-wait between parallel regions by default; on a shared or small
-    # CPU that starves every other process (data workers, a second rank) — measured 25x slowdowns.
-    # Must be set before torch is imported; an explicit user setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is chosen when the llama2 package is imported, before torch (llama2/__init__.py).
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
