@@ -173,17 +173,6 @@ def action_positions(mask: torch.Tensor) -> torch.Tensor:
     return rows * (mask.shape[1] + 1) + cols
 
 
-def response_logits(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
-                    lengths: list[int] | None = None) -> torch.Tensor:
-    """Next-token logits (N, V) at the N response positions of `mask`, in row-major order.
-
-    The output head (a third of a small model's forward: vocab x dim per token) and the last
-    block's projection and feed-forward run on the response positions only, not on prompt and
-    padding (`keep`). `lengths`: tokens is a packed row from `pack_rollouts`.
-    """
-    return model(tokens, lengths=lengths, keep=action_positions(mask))
-
-
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 logits / temperature (no division at temperature 1)."""
     return logits.float() if temperature == 1.0 else logits.float() / temperature

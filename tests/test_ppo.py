@@ -25,6 +25,7 @@ from llama2.model import ModelArgs, Transformer
 from llama2.recipes.ppo import PPOConfig, main
 from llama2.rollout import (
     Rollout,
+    action_positions,
     chunk_seed,
     generation_chunks,
     global_whiten,
@@ -32,7 +33,6 @@ from llama2.rollout import (
     logprobs_and_entropy,
     pack_rollouts,
     pad_rollouts,
-    response_logits,
     sample_rollouts,
     shaped_rewards,
     token_logprobs,
@@ -134,10 +134,11 @@ def test_old_logprobs_match_generation_and_stop_token_is_an_action(policy_path, 
     assert packed.shape[1] == sum(lengths) == sum(len(r.prompt) + len(r.response) for r in rollouts)
     assert packed[:, 1:][packed_mask.bool()].tolist() == tokens[:, 1:][mask.bool()].tolist()  # same order
     with torch.no_grad():
-        logits = response_logits(model, tokens, mask)  # the head on response positions only
+        # the head (and the last block's rest) on response positions only
+        logits = model(tokens, keep=action_positions(mask))
         torch.testing.assert_close(logits, model(tokens)[:, :-1][mask.bool()])  # = the full forward's there
         # the update's layout: all rollouts in one unpadded row, each as if alone
-        torch.testing.assert_close(logits, response_logits(model, packed, packed_mask, lengths=lengths),
+        torch.testing.assert_close(logits, model(packed, lengths=lengths, keep=action_positions(packed_mask)),
                                    atol=1e-4, rtol=1e-4)
         logp = token_logprobs(logits, tokens[:, 1:][mask.bool()], temperature=0.7)
     for r, got in zip(rollouts, logp.split(mask.sum(1).long().tolist())):
