@@ -11,7 +11,15 @@ includes `llama2.train.keep_freed_memory`, the malloc setting `place_model` appl
 transformers in a stock process (`--theirs-malloc` gives it the same setting, to show how much of
 the difference that is). The parent alternates the two over `--rounds` rounds of `--steps` steps,
 the idle side blocked on a pipe; tokens/s are medians and the ratio is the median of the per-round
-ratios (robust to the shared machine's drift).
+ratios (robust to the shared machine's drift). Both sides run with OpenMP's default wait policy,
+as each would alone on the cores (`--omp-wait-policy passive` for the setting of processes that
+share cores; measurements before 2026-11-28 used it).
+
+`--profile N` then profiles N steps of each side and prints where the time goes: matrix products,
+attention, the optimizer, everything else, and the ratio that our matrix products and attention
+alone would allow. On the 2-core CPU that bound is ~1.27x: ~77% of our step is matrix products at
+~90% of the measured peak, ~12% the same SDPA kernel transformers calls, and the ~10% left (norms,
+RoPE, SwiGLU, residual adds, the loss) is what is still ours to cut.
 
 MFU = tokens/s x ModelArgs.flops_per_token(T) / peak. On CPU the peak is measured in this run:
 the best GFLOP/s of square fp32 matmuls (768 and 1536) with this many threads over both kernel
@@ -21,6 +29,7 @@ kept (the machine is shared: a peak caught in a busy moment would flatter the MF
 the datasheet dense peak (`llama2.train.peak_flops`).
 
     python benchmarks/train_step.py                       # CPU: ~20M model, seq 256, fp32, 2 threads
+    python benchmarks/train_step.py --rounds 8 --profile 2  # ... and where each side's step goes
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --preset 1b --seq-len 4096 --batch 4
 
 With --dtype bfloat16 both models' weights, activations and optimizer states are bf16 (no master
@@ -37,11 +46,9 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from llama2.model import ModelArgs, Transformer  # noqa: E402
+from llama2.model import ModelArgs, Transformer
 
 # "20m": Llama-shaped at the size a 2-core CPU trains in minutes. dim 384 with 6 heads of 64,
 # Meta's SwiGLU rule (int(8·384/3) rounded up to 256 = 1024), 8 layers: 14.2M in the blocks.
@@ -147,6 +154,9 @@ def worker(a: argparse.Namespace) -> None:
         req = json.loads(line)
         if not req:
             break
+        if "profile" in req:
+            print(json.dumps(profile_steps(step, req["profile"])), flush=True)
+            continue
         sync()
         t = time.perf_counter()
         for _ in range(req["steps"]):
@@ -155,12 +165,41 @@ def worker(a: argparse.Namespace) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
 
 
+# Where a CPU step's time goes, by the ops the profiler records (self time on the calling thread,
+# which for an op parallelised over the threads is its wall time): the matrix products, attention,
+# the optimizer step, everything else (elementwise work: norms, RoPE, SwiGLU, residual adds, the loss).
+CATEGORIES = {
+    "matmul": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "optimizer": ("aten::_fused_adamw_",),
+}
+
+
+def profile_steps(step, n: int) -> dict:
+    """Seconds per step by category over n profiled steps, plus the step's wall time ("wall"); what
+    no op accounts for (Python, the autograd engine, waking threads) is wall minus the categories."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = time.perf_counter() - t
+    out = dict.fromkeys((*CATEGORIES, "other"), 0.0)
+    for e in prof.key_averages():
+        cat = next((c for c, names in CATEGORIES.items() if e.key in names), "other")
+        out[cat] += e.self_cpu_time_total / 1e6 / n
+    out["wall"] = wall / n
+    return out
+
+
 class Side:
     """A worker process of this script, driven over its stdin/stdout."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict):
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, req: dict) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -180,6 +219,20 @@ class Side:
             self.proc.wait()
 
 
+def print_profile(prof: dict, n: int) -> None:
+    o, t = prof["ours"], prof["transformers"]
+    for side in (o, t):
+        side["unaccounted"] = side["wall"] - sum(side[c] for c in (*CATEGORIES, "other"))
+    print(f"\nwhere a step's time goes (ms per step, {n} profiled steps per side; the profiler slows both)")
+    print(f"{'':<13}{'ours':>9}{'transformers':>14}{'difference':>12}")
+    for c in (*CATEGORIES, "other", "unaccounted", "wall"):
+        print(f"{c:<13}{o[c] * 1e3:>9.0f}{t[c] * 1e3:>14.0f}{(t[c] - o[c]) * 1e3:>+12.0f}")
+    # The most our side could gain without faster matrix products or attention: all else at zero.
+    bound = t["wall"] / (o["matmul"] + o["attention"])
+    print(f"ratio in this profile {t['wall'] / o['wall']:.2f}x; with nothing but our matrix products and "
+          f"attention (everything else free) it would be {bound:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="20m", choices=list(PRESETS))
@@ -193,8 +246,14 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--compile", choices=["none", "ours", "both"], default="none",
                     help="torch.compile each decoder block: ours only (the recipes' `compile: true`) or both sides")
+    ap.add_argument("--omp-wait-policy", choices=["default", "passive"], default="default",
+                    help="OpenMP wait policy of both sides (default: OpenMP's own, each side being alone on the "
+                         "cores, as a training run is; passive: the setting for processes that share cores)")
     ap.add_argument("--theirs-malloc", action="store_true",
                     help="give the transformers process our malloc setting too (keep_freed_memory)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="CPU only: after the rounds, profile this many steps per side and print where the "
+                         "time goes (matrix products, attention, optimizer, other)")
     ap.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -208,12 +267,18 @@ def main() -> None:
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
             if k in ("preset", "seq_len", "batch", "threads", "device", "dtype", "compile")]
     argv += ["--theirs-malloc"] if a.theirs_malloc else []
-    ours, theirs = Side("ours", argv), Side("transformers", argv)
+    # Each side is alone on the cores while it runs (the other blocks on its pipe), as `llama2 pretrain`
+    # or a transformers script would be: OpenMP's default wait policy for both, unless told otherwise.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if a.omp_wait_policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    ours, theirs = Side("ours", argv, env), Side("transformers", argv, env)
     try:
         first = (ours.read()["loss"], theirs.read()["loss"])  # each side has warmed up with 2 steps
         print(f"{a.preset}: {args.num_params() / 1e6:.1f}M parameters ({args.num_params(False) / 1e6:.1f}M "
               f"without embeddings), batch {a.batch} x {T} = {tokens} tokens/step, {a.dtype} on {a.device}, "
-              f"{a.threads} threads, one process per side{' (same malloc setting)' if a.theirs_malloc else ''}; "
+              f"{a.threads} threads, OpenMP wait policy {a.omp_wait_policy}, one process per side"
+              f"{' (same malloc setting)' if a.theirs_malloc else ''}; "
               f"step-1 loss ours {first[0]:.5f} | transformers {first[1]:.5f}")
         fpt = args.flops_per_token(T)
         print(f"{fpt / 1e6:.1f} MFLOP per token (6N + 12·L·d·T)")
@@ -232,9 +297,13 @@ def main() -> None:
             measure_peak()
             print(f"  round {r + 1}: ours {a.steps * tokens / ours_t[-1]:7.0f} tok/s | "
                   f"transformers {a.steps * tokens / theirs_t[-1]:7.0f} tok/s | ratio {theirs_t[-1] / ours_t[-1]:.2f}x")
+        prof = ({"ours": ours.ask({"profile": a.profile}), "transformers": theirs.ask({"profile": a.profile})}
+                if a.profile and device.type == "cpu" else None)
     finally:
         ours.close()
         theirs.close()
+    if prof:
+        print_profile(prof, a.profile)
     if device.type == "cpu":
         peak = max(peaks.values())
         print(f"measured fp32 matmul peak, {a.threads} threads, best over the run: "
@@ -247,7 +316,7 @@ def main() -> None:
     res = {"ours_tok_s": o_tps, "transformers_tok_s": t_tps,
            "ratio": statistics.median(t / o for o, t in zip(ours_t, theirs_t)),
            "ours_mfu": o_tps * fpt / peak, "transformers_mfu": t_tps * fpt / peak, "peak_flops": peak,
-           "flops_per_token": fpt, "step1_loss": {"ours": first[0], "transformers": first[1]}}
+           "flops_per_token": fpt, "step1_loss": {"ours": first[0], "transformers": first[1]}, "profile": prof}
     print(f"median: ours {o_tps:.0f} tok/s (MFU {res['ours_mfu']:.1%}) | transformers {t_tps:.0f} tok/s "
           f"(MFU {res['transformers_mfu']:.1%}) | ratio (median of rounds) {res['ratio']:.2f}x")
     if a.json:

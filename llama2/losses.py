@@ -38,12 +38,17 @@ class _TokenCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):  # g (N,)
         logits, safe, valid = ctx.saved_tensors
         scale = (g * valid)[:, None]  # (N, 1)
+        fp32 = logits.dtype == torch.float32
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], ctx.rows):
             r = slice(i, i + ctx.rows)
-            p = torch.softmax(logits[r].float(), dim=-1)
+            # fp32 logits: softmax straight into the gradient's rows, no chunk to copy (~2 ms a step
+            # of the 20M benchmark model); others: an fp32 chunk, cast on the way in.
+            p = torch.softmax(logits[r], dim=-1, out=grad[r]) if fp32 else torch.softmax(logits[r].float(), dim=-1)
             p.scatter_add_(1, safe[r], torch.full_like(scale[r], -1.0))  # softmax - onehot
-            grad[r] = p.mul_(scale[r])
+            p.mul_(scale[r])
+            if not fp32:
+                grad[r] = p
         return grad, None
 
 

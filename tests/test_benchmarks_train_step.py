@@ -1,0 +1,28 @@
+"""benchmarks/train_step.py end to end at a tiny size: both sides train the same weights on the same
+batch (equal step-1 losses), and the --profile breakdown accounts for each side's step."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_train_step_benchmark_runs_both_sides_and_profiles(tmp_path):
+    out = tmp_path / "res.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--batch", "1", "--seq-len", "16",
+                           "--rounds", "1", "--steps", "1", "--threads", "1", "--profile", "1", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    loss = res["step1_loss"]
+    assert abs(loss["ours"] - loss["transformers"]) <= 1e-4 * abs(loss["transformers"])  # same model, same batch
+    assert res["ours_tok_s"] > 0 and res["transformers_tok_s"] > 0 and res["ratio"] > 0
+    for side in ("ours", "transformers"):
+        p = res["profile"][side]
+        assert set(p) >= {"matmul", "attention", "optimizer", "other", "wall"}
+        assert p["matmul"] > 0 and p["attention"] > 0 and p["optimizer"] > 0
+        assert sum(p[c] for c in ("matmul", "attention", "optimizer", "other")) <= p["wall"] * 1.05
+    assert "where a step's time goes" in proc.stdout
