@@ -22,3 +22,8 @@ def _openmp_wait_policy() -> None:
 
 
 _openmp_wait_policy()
+
+
+def progress_bars() -> bool:
+    """Whether to draw progress bars: yes unless LLAMA2_NO_PROGRESS=1 (logs, CI, tests)."""
+    return os.environ.get("LLAMA2_NO_PROGRESS") != "1"

@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from llama2 import progress_bars
+
 MANIFEST = "manifest.json"
 FORMAT = "llama2-tokens/1"
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard, like nanoGPT's FineWeb shards
@@ -478,7 +480,7 @@ def pretokenize(
         stats = [{"path": str(s.path), "num_docs": 0, "num_tokens": 0} for s in sources]
         total_tokens = 0
         with _worker_pool(workers) as pool, tqdm(unit=" docs", unit_scale=True, desc="pretokenize",
-                                                 disable=not progress, dynamic_ncols=True) as bar:
+                                                 disable=not (progress and progress_bars()), dynamic_ncols=True) as bar:
             chunks = _chunks(sources, field, txt_split)
             for i, n, (tokens, lengths) in _encoded_chunks(chunks, tok, tokenizer_path, pool, workers):
                 if tokens.size and int(tokens.max()) >= tok.vocab_size:

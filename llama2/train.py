@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llama2 import progress_bars
 from llama2.distributed import Dist, barrier
 
 
@@ -252,7 +253,7 @@ class MetricsLogger:
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / filename, "a")
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
-                        disable=os.environ.get("LLAMA2_NO_PROGRESS") == "1")
+                        disable=not progress_bars())
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -293,7 +294,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-_GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 datasheet peaks; the first key found in the device name wins (PCIe/NVL H100s before SXM).
+_GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:

@@ -26,3 +26,18 @@ def test_train_step_benchmark_runs_both_sides_and_profiles(tmp_path):
         assert p["matmul"] > 0 and p["attention"] > 0 and p["optimizer"] > 0
         assert sum(p[c] for c in ("matmul", "attention", "optimizer", "other")) <= p["wall"] * 1.05
     assert "where a step's time goes" in proc.stdout
+
+
+def test_gpu_check_script_plumbing_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh (issue 3's GPU checks for a session lent a GPU) runs end to end; here on
+    the CPU with a small shape, so that a GPU session spends its minutes measuring, not debugging."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", "DTYPE": "float32",
+           "PRESET": "20m", "SEQ": "16", "BATCH": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "pretrain.log").read_text().strip().splitlines()[-1])
+    assert metrics["step"] == 30 and metrics["mfu"] > 0 and metrics["val_loss"] < 6.0
+    res = json.loads((tmp_path / "train_step.json").read_text())
+    assert res["ours_mfu"] > 0 and res["transformers_mfu"] > 0
+    assert "torch" in (tmp_path / "versions.txt").read_text()

@@ -58,3 +58,15 @@ def test_pipeline_stage_settings_are_valid():
 
     for path in sorted((CONFIGS / "pipeline").glob("*.yaml")):
         check(load_config(PipelineConfig, path))
+
+
+def test_tiny_pretrain_preset_is_the_pipelines_pretraining_stage():
+    """configs/pretrain/tiny.yaml runs the pretraining the README's main job runs (no drift between them)."""
+    from llama2.config import from_dict
+    from llama2.recipes.pipeline import PipelineConfig
+    from llama2.recipes.pretrain import PretrainConfig
+
+    tiny = load_config(PretrainConfig, CONFIGS / "pretrain" / "tiny.yaml")
+    stage = from_dict(PretrainConfig, load_config(PipelineConfig, CONFIGS / "pipeline" / "tiny.yaml").pretrain)
+    assert tiny.preset == "tiny" and tiny.data.corpus == ["builtin"]
+    assert {**vars(tiny), "out_dir": ""} == {**vars(stage), "out_dir": ""}

@@ -259,6 +259,17 @@ def test_pretokenize_errors_leave_nothing(tmp_path, tokenizer):
     assert m["num_docs"] == 2 and TokenDataset.open(tmp_path / "out").num_docs == 2
 
 
+def test_progress_bar_and_its_off_switch(tmp_path, tokenizer, monkeypatch, capfd):
+    """pretokenize draws a bar on stderr, and none with LLAMA2_NO_PROGRESS=1 (what CI and logs set)."""
+    (tmp_path / "a.txt").write_text("some text\n\nmore text\n")
+    monkeypatch.delenv("LLAMA2_NO_PROGRESS", raising=False)
+    pretokenize([tmp_path / "a.txt"], tokenizer, tmp_path / "on", workers=1)
+    assert "pretokenize" in capfd.readouterr().err
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    pretokenize([tmp_path / "a.txt"], tokenizer, tmp_path / "off", workers=1)
+    assert "pretokenize" not in capfd.readouterr().err
+
+
 def test_interrupted_run_leaves_no_dataset(tmp_path, tokenizer, monkeypatch):
     (tmp_path / "a.txt").write_text("\n\n".join(f"document {i}" for i in range(50)))
     monkeypatch.setattr(data, "CHUNK_DOCS", 10)

@@ -203,3 +203,18 @@ def test_keep_freed_memory_spares_page_faults():
     assert took
     assert without > 10_000, without  # the control: the default really faults
     assert with_setting < without / 5, (with_setting, without)
+
+
+def test_gpu_peak_flops_by_device_name(monkeypatch):
+    """The MFU denominator on GPUs: the datasheet dense bf16 peak of the card the name identifies."""
+    import torch
+
+    from llama2.train import peak_flops
+
+    cuda = torch.device("cuda", 0)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                       ("Some Future GPU", 0.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_flops(cuda, torch.bfloat16) == peak, name
+        assert peak_flops(cuda, torch.float32) == peak / 2, name  # TF32 tensor cores: half the bf16 rate

@@ -44,6 +44,7 @@ from typing import Literal
 
 import torch
 
+from llama2 import progress_bars
 from llama2.config import ConfigError, load_config, save_config
 from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
 from llama2.recipes.sft import SFTConfig
@@ -405,7 +406,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         elif done:
             say(f"iteration {it}: {len(done)} of {len(chunks)} chunks already sampled; sampling the rest")
         bar = tqdm(total=len(chunks), initial=len(done), desc=f"[rs] iter {it} sampling", unit="chunk",
-                   file=sys.stderr, disable=os.environ.get("LLAMA2_NO_PROGRESS") == "1")
+                   file=sys.stderr, disable=not progress_bars())
         for c, chunk in enumerate(chunks):
             path = sample_dir / f"chunk-{c:05d}.json"
             if path.is_file():

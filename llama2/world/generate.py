@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from llama2 import progress_bars
 from llama2.world import corpus, gatt, safety
 from llama2.world.formats import write_jsonl
 from llama2.world.pairs import offline_preference_pairs
@@ -162,7 +163,7 @@ def generate_world(out, seed: int = 0, size: str = "tiny", quiet: bool = False,
     # -- pretraining corpus (streamed: the medium corpus is ~100 MB)
     n_chars = corpus.CORPUS_CHARS[size] if corpus_chars is None else corpus_chars
     bar = None
-    if not quiet:
+    if not quiet and progress_bars():
         from tqdm import tqdm
 
         bar = tqdm(total=n_chars, unit="char", unit_scale=True, desc="world: corpus", file=sys.stderr)
