@@ -103,6 +103,13 @@ def test_loss_falls_and_matches_stored_reference(corpus, tmp_path, monkeypatch):
     assert all(abs(got[s] - ref[s]) < 2e-3 for s in ref), {s: (got[s], ref[s]) for s in ref}
     final = tmp_path / "run" / "final"
     assert (final / "model.json").is_file() and (final / "tokenizer.model").is_file()
+    # TensorBoard events (tensorboard is a test dependency): the same losses as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"loss", "lr", "tokens_per_s", "val_loss"} <= set(events.Tags()["scalars"])
+    tb = {e.step: e.value for e in events.Scalars("loss")}
+    assert tb.keys() == got.keys() and all(abs(tb[s] - got[s]) < 1e-5 for s in got)
 
 
 def test_gradient_accumulation_equals_one_large_batch(corpus, tmp_path, monkeypatch):
