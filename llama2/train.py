@@ -43,6 +43,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1.0e-5
     grad_clip: float = 1.0
+    loss_scale: float = 2.0**16  # dtype float16 only: the initial dynamic loss scale (see LossScaler)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -115,6 +116,57 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 training; for bf16 and fp32 every method is a pass-through.
+
+    fp16 gradients of small losses underflow to zero, so the loss is multiplied by `scale` before
+    backward and the gradients divided by it before clipping. A step whose (global) gradient norm is
+    not finite overflowed: it is skipped and the scale halved; after `growth_interval` clean steps
+    in a row the scale doubles. These are torch.amp.GradScaler's rules and defaults (2^16 to start,
+    x0.5, x2 every 2000 steps); the decision is ours because it is taken on the norm that
+    `clip_grad_norm` all-reduces, so that every FSDP rank skips the same steps (GradScaler decides
+    on each rank's own shard), as Megatron-LM's and fairseq's scalers do.
+    """
+
+    def __init__(self, dtype: torch.dtype, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled = dtype == torch.float16
+        self.scale = init_scale if self.enabled else 1.0
+        self.growth_interval = growth_interval
+        self.clean_steps = 0  # steps since the last overflow or growth
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, *models: torch.nn.Module) -> None:
+        """Divide the gradients by the scale (call before clipping)."""
+        if self.enabled:
+            grads = [p.grad for m in models for p in m.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def step(self, grad_norm: float, *optimizers: torch.optim.Optimizer) -> bool:
+        """Step the optimizers unless the gradients overflowed; update the scale. True if they stepped."""
+        if self.enabled and not math.isfinite(grad_norm):
+            self.scale /= 2.0
+            self.clean_steps = 0
+            return False
+        for opt in optimizers:
+            opt.step()
+        if self.enabled:
+            self.clean_steps += 1
+            if self.clean_steps == self.growth_interval:
+                self.scale *= 2.0
+                self.clean_steps = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps} if self.enabled else {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.enabled and state:
+            self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

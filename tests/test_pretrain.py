@@ -225,3 +225,71 @@ def test_gpu_peak_flops_by_device_name(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert peak_flops(cuda, torch.bfloat16) == peak, name
         assert peak_flops(cuda, torch.float32) == peak / 2, name  # TF32 tensor cores: half the bf16 rate
+
+
+def test_loss_scaler_rules():
+    """float16's dynamic loss scaling: scale the loss, unscale the gradients, skip an overflowed step and
+    halve, double after `growth_interval` clean steps; bf16/fp32: a pass-through."""
+    import torch
+
+    from llama2.train import LossScaler
+
+    off = LossScaler(torch.bfloat16)
+    assert not off.enabled and off.scaled(torch.tensor(2.0)).item() == 2.0 and off.state_dict() == {}
+    lin = torch.nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    s = LossScaler(torch.float16, init_scale=8.0, growth_interval=2)
+    loss = lin(torch.ones(1, 2)).sum()
+    s.scaled(loss).backward()
+    assert torch.equal(lin.weight.grad, torch.full((1, 2), 8.0))
+    s.unscale_(lin)
+    assert torch.equal(lin.weight.grad, torch.ones(1, 2))
+    w = lin.weight.detach().clone()
+    assert not s.step(float("inf"), opt) and torch.equal(lin.weight, w) and s.scale == 4.0  # skipped, halved
+    assert s.step(1.0, opt) and torch.equal(lin.weight, w - 1) and s.scale == 4.0
+    assert s.step(1.0, opt) and s.scale == 8.0 and s.clean_steps == 0  # two clean steps: doubled
+    s.step(1.0, opt)
+    t = LossScaler(torch.float16)
+    t.load_state_dict(s.state_dict())
+    assert (t.scale, t.clean_steps) == (8.0, 1)
+
+
+def test_float16_skips_overflowed_steps_and_resumes_exactly(corpus, tmp_path):
+    """dtype float16 (autocast) with a loss scale too large to start with: the first steps overflow and
+    are skipped while the scale halves, then training goes on; a killed run resumes with its scale."""
+    kw = {"dtype": "float16", "max_steps": 8, "optim.loss_scale": 1e6}
+
+    def rows(out):
+        return {r["step"]: (r["loss"], r["loss_scale"], r["skipped"])
+                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    full = run_cli(overrides(corpus, tmp_path / "full", **kw))
+    assert full.returncode == 0, full.stderr
+    got = rows(tmp_path / "full")
+    assert [got[s][2] for s in range(1, 9)] == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert [got[s][1] for s in range(1, 9)] == [5e5, 2.5e5] + [2.5e5] * 6
+    assert got[8][0] < got[3][0] - 0.3  # it learns once the scale fits
+    killed = run_cli(overrides(corpus, tmp_path / "killed", **kw), env={"LLAMA2_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9
+    resumed = run_cli(overrides(corpus, tmp_path / "killed", **kw) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(tmp_path / "killed") == got
+
+
+@pytest.mark.slow
+def test_torchrun_float16_ranks_skip_the_same_steps(corpus, tmp_path):
+    """Under FSDP2 the overflow decision is taken on the all-reduced gradient norm: two ranks skip the
+    same steps as one process and keep the same scale (losses agree to fp16 rounding)."""
+    kw = {"dtype": "float16", "optim.loss_scale": 1e6}
+    one = run_cli(overrides(corpus, tmp_path / "one", micro_batch_size=8, **kw))
+    assert one.returncode == 0, one.stderr
+    two = run_cli(overrides(corpus, tmp_path / "two", micro_batch_size=4, **kw), torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["skipped"] for r in a] == [r["skipped"] for r in b] and sum(r["skipped"] for r in a) >= 1
+    assert [r["loss_scale"] for r in a] == [r["loss_scale"] for r in b]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-3 for x, y in zip(a, b))

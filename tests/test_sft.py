@@ -175,6 +175,18 @@ def test_recipe_learns_and_matches_reference(world_dir, base_model, tmp_path, mo
     assert tok.vocab_size == model.args.vocab_size
 
 
+def test_float16_with_loss_scaling_learns(world_dir, base_model, tmp_path, monkeypatch):
+    """dtype float16: autocast with dynamic loss scaling; a scale too large for the gradients is backed off."""
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    main(load_config(SFTConfig, None, sft_overrides(world_dir, base_model, tmp_path / "fp16", ckpt_every=0,
+                                                    dtype="float16", **{"optim.loss_scale": 5e5})))
+    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in rows) >= 1 and rows[-1]["skipped"] == 0 and rows[-1]["loss_scale"] < 5e5
+    assert all(r["grad_norm"] == 0.0 for r in rows if r["skipped"])  # no update on an overflowed step
+    stepped = [r["loss"] for r in rows if not r["skipped"]]
+    assert len(stepped) >= 6 and stepped[-1] < stepped[0] - 0.3
+
+
 def test_pretrain_mix_runs(world_dir, base_model, world_tokenizer, tmp_path, monkeypatch):
     from llama2.data import pretokenize
 

@@ -56,6 +56,7 @@ from llama2.rollout import (
 )
 from llama2.train import (
     Checkpointer,
+    LossScaler,
     MetricsLogger,
     OptimConfig,
     autocast,
@@ -348,6 +349,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         for g in opt.param_groups:
             g["lr"] = oc.lr  # constant schedule (§3.2.3)
     trained = torch.nn.ModuleDict({"policy": policy, "value": value_model})  # one DCP state for both
+    scaler = LossScaler(dtype, cfg.optim.loss_scale)  # float16 only: dynamic loss scaling (one scale for both losses)
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start, best, bad_evals = 0, -math.inf, 0
     if resume:
@@ -355,6 +357,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
                               ["policy", "prompts", "batch_size", "mini_batch_size", "seed", "kl_coef",
                                "reward_axes"])
         start, best, bad_evals = saved["step"], saved["best_eval"], saved["bad_evals"]
+        scaler.load_state_dict(saved.get("scaler"))
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -389,7 +392,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
 
         # ---- 3. training: one pass, one gradient step per mini-batch on the clipped objectives
         sums = torch.zeros(4, dtype=torch.float64)  # policy loss, value loss, clip fraction, entropy (token-weighted)
-        grad_norms = []
+        grad_norms, skipped = [], 0
         for micro in batches:
             # Each token counts once in its mini-batch's mean, however the mini-batch is split into
             # micro-batches and ranks (FSDP averages gradients over ranks, hence × world size).
@@ -405,13 +408,15 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
                 every = torch.ones_like(logp)  # PPOBatch holds response tokens only: all count
                 pg_loss, clip_frac = ppo_policy_loss(logp, b.old_logprobs, b.advantages, every, cfg.clip)
                 v_loss = value_loss(values, b.old_values, b.returns, every, cfg.value_clip)
-                ((pg_loss + v_loss) * weight).backward()  # separate models: each gets only its own loss
+                scaler.scaled((pg_loss + v_loss) * weight).backward()  # separate models: each gets only its own loss
                 sums += torch.tensor([pg_loss.item(), v_loss.item(), clip_frac.item(), entropy.mean().item()],
                                      dtype=torch.float64) * weight / d.world_size
-            grad_norms.append((clip_grad_norm(policy, cfg.optim.grad_clip),
-                               clip_grad_norm(value_model, cfg.value_optim.grad_clip)))
-            opt_policy.step()
-            opt_value.step()
+            scaler.unscale_(policy, value_model)
+            norms = (clip_grad_norm(policy, cfg.optim.grad_clip), clip_grad_norm(value_model, cfg.value_optim.grad_clip))
+            if scaler.step(sum(norms), opt_policy, opt_value):  # fp16: an overflowed mini-batch is skipped
+                grad_norms.append(norms)
+            else:
+                skipped += 1
             opt_policy.zero_grad(set_to_none=True)
             opt_value.zero_grad(set_to_none=True)
         pg_sum, v_sum, clip_sum, ent_sum = (all_reduce_sum(sums, d) / len(batches)).tolist()
@@ -426,10 +431,13 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             "reward_helpfulness": rh.mean().item(), "reward_safety": rs.mean().item(),
             "gated_by_safety": gated.mean().item(), "kl": pstats["kl"], "entropy": ent_sum,
             "clip_frac": clip_sum, "policy_loss": pg_sum, "value_loss": v_sum,
-            "grad_norm": max(g[0] for g in grad_norms), "value_grad_norm": max(g[1] for g in grad_norms),
+            "grad_norm": max((g[0] for g in grad_norms), default=0.0),
+            "value_grad_norm": max((g[1] for g in grad_norms), default=0.0),
             "response_len": lengths.mean().item(),
             "time_generation": t1 - t0, "time_scoring": t2 - t1, "time_training": t3 - t2,
         }
+        if scaler.enabled:
+            metrics.update(loss_scale=scaler.scale, skipped=skipped)
         if not all(math.isfinite(v) for v in metrics.values()):
             log.close()
             raise FloatingPointError(f"iteration {it + 1}: non-finite metrics {metrics}; stopping. "
@@ -448,7 +456,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         if cfg.ckpt_every and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations or stop):
             ckpt.save(it + 1, trained, [opt_policy, opt_value],
                       {"config": config_dict(cfg), "best_eval": best, "bad_evals": bad_evals,
-                       "prompts_seen": (it + 1) * cfg.batch_size})
+                       "prompts_seen": (it + 1) * cfg.batch_size, "scaler": scaler.state_dict()})
         kill_hook(it + 1)
         if stop:
             log.write(f"[ppo] early stop at iteration {it + 1}: held-out reward has not improved on {best:.4f} "

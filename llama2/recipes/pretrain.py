@@ -23,7 +23,7 @@ from llama2.distributed import all_reduce_mean, barrier, full_state_dict, setup,
 from llama2.losses import lm_loss
 from llama2.recipes.common import (build_fresh_model, config_dict, kill_hook, model_args, place_model, recipe_cli,
                                    resume_latest)
-from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
 
@@ -163,11 +163,13 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
         model = build_fresh_model(args, cfg.seed).train()
     model = place_model(model, d, dtype, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(model, cfg.optim)
+    scaler = LossScaler(dtype, cfg.optim.loss_scale)  # float16 only: dynamic loss scaling
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
         saved = resume_latest(ckpt, model, optimizer, cfg, ["preset", "model", "batch_tokens", "data.seq_len", "seed"])
         loader.load_state_dict(saved["loader"])
+        scaler.load_state_dict(saved.get("scaler"))
         start = saved["step"]
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,19 +191,22 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
             with autocast(d.device, dtype):
                 logits = model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
             loss = lm_loss(logits, batch["targets"]) / accum
-            loss.backward()
+            scaler.scaled(loss).backward()
             loss_sum += loss.item()
+        scaler.unscale_(model)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         loss_avg = all_reduce_mean(loss_sum, d)
-        if not math.isfinite(loss_avg) or not math.isfinite(grad_norm):
+        if not math.isfinite(loss_avg) or not (math.isfinite(grad_norm) or scaler.enabled):
             last = ckpt.latest()
             log.close()
             raise FloatingPointError(f"step {step}: loss {loss_avg} / grad norm {grad_norm} is not finite; "
                                      f"stopping. Last good checkpoint: {last or 'none'} (resume with --resume)")
-        optimizer.step()
+        stepped = scaler.step(grad_norm, optimizer)  # fp16: an overflowed step is skipped
         optimizer.zero_grad(set_to_none=True)
         speed.add(cfg.batch_tokens)
-        metrics = {"loss": loss_avg, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"loss": loss_avg, "lr": lr, "grad_norm": grad_norm if stepped else 0.0}
+        if scaler.enabled:
+            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
         if (step + 1) % cfg.log_every == 0 or step == start:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, mfu=mfu)
@@ -209,7 +214,8 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
             metrics["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, d, dtype)
         log.log(step + 1, metrics, show=("loss", "val_loss", "lr", "tokens_per_s", "mfu"))
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total_steps):
-            ckpt.save(step + 1, model, optimizer, {"loader": loader.state_dict(), "config": config_dict(cfg)})
+            ckpt.save(step + 1, model, optimizer, {"loader": loader.state_dict(), "scaler": scaler.state_dict(),
+                                                   "config": config_dict(cfg)})
         kill_hook(step + 1)
     log.close()
 

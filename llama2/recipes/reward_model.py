@@ -31,7 +31,7 @@ from llama2.losses import MARGINS, RATINGS, ranking_loss
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.reward import (OBJECTIVES, PairData, PairLoader, accuracy_report, mix_pairs, pair_scores,
                            read_pairs, reward_state, tokenize_pairs)
-from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
 
@@ -205,12 +205,14 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
 
     model = place_model(build_model(args, state, ck.source).train(), d, dtype, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
+    scaler = LossScaler(dtype, cfg.optim.loss_scale)  # float16 only: dynamic loss scaling
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
         saved = resume_latest(ckpt, model, optimizer, cfg, ["model", "objective", "train_data", "mix", "margin",
                                                             "batch_size", "max_seq_len", "seed"])
         loader.load_state_dict(saved["loader"])
+        scaler.load_state_dict(saved.get("scaler"))
         start = saved["step"]
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -238,23 +240,26 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
             with autocast(d.device, dtype):
                 r_c, r_r = pair_scores(model, chosen, rejected, d.device)  # (B,), (B,)
             loss = ranking_loss(r_c, r_r, margins[idx].to(d.device)) / loader.accum
-            loss.backward()
+            scaler.scaled(loss).backward()
             loss_sum += loss.item()
             acc_sum += (r_c > r_r).float().mean().item() / loader.accum
             gap_sum += (r_c - r_r).mean().item() / loader.accum
             tokens += sum(len(s) for s in chosen) + sum(len(s) for s in rejected)
+        scaler.unscale_(model)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         loss_avg = all_reduce_mean(loss_sum, d)
-        if not math.isfinite(loss_avg) or not math.isfinite(grad_norm):
+        if not math.isfinite(loss_avg) or not (math.isfinite(grad_norm) or scaler.enabled):
             log.close()
             raise FloatingPointError(f"step {step}: loss {loss_avg} / grad norm {grad_norm} is not finite; stopping. "
                                      f"Last good checkpoint: {ckpt.latest() or 'none'} (resume with --resume)")
-        optimizer.step()
+        stepped = scaler.step(grad_norm, optimizer)  # fp16: an overflowed step is skipped
         optimizer.zero_grad(set_to_none=True)
         speed.add(tokens * d.world_size)
         pair_speed.add(cfg.batch_size)
         metrics = {"loss": loss_avg, "accuracy": all_reduce_mean(acc_sum, d), "gap": all_reduce_mean(gap_sum, d),
-                   "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch}
+                   "lr": lr, "grad_norm": grad_norm if stepped else 0.0, "epoch": loader.epoch}
+        if scaler.enabled:
+            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
         if (step + 1) % cfg.log_every == 0 or step == start:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, pairs_per_s=pair_speed.read()[0], mfu=mfu)
@@ -264,7 +269,8 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
             metrics.update({f"test_accuracy/{k}": v["accuracy"] for k, v in report["test_sets"].items()})
         log.log(step + 1, metrics, show=("loss", "accuracy", "test_accuracy", "lr", "pairs_per_s"))
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total_steps):
-            ckpt.save(step + 1, model, optimizer, {"loader": loader.state_dict(), "config": config_dict(cfg)})
+            ckpt.save(step + 1, model, optimizer, {"loader": loader.state_dict(), "scaler": scaler.state_dict(),
+                                                   "config": config_dict(cfg)})
         kill_hook(step + 1)
     log.close()
 

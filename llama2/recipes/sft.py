@@ -22,7 +22,7 @@ from llama2.config import ConfigError, save_config
 from llama2.distributed import all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.losses import IGNORE, lm_loss
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.train import (Checkpointer, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
 
@@ -153,12 +153,14 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
 
     model = place_model(build_model(args, ck.state, ck.source).train(), d, dtype, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
+    scaler = LossScaler(dtype, cfg.optim.loss_scale)  # float16 only: dynamic loss scaling
     ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints)
     start = 0
     if resume:
         saved = resume_latest(ckpt, model, optimizer, cfg, ["model", "train_data", "seq_len", "batch_size", "seed",
                                                             "packed", "last_turn_only"])
         loader.load_state_dict(saved["loader"])
+        scaler.load_state_dict(saved.get("scaler"))
         if pretrain is not None:
             pretrain.load_state_dict(saved["pretrain_loader"])
         start = saved["step"]
@@ -195,17 +197,20 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
                 pt_loss = lm_loss(pt_logits, pb["targets"]) / accum
                 pt_sum += pt_loss.item()
                 loss = (1 - cfg.pretrain_mix) * loss + cfg.pretrain_mix * pt_loss
-            loss.backward()
+            scaler.scaled(loss).backward()
+        scaler.unscale_(model)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         sft_loss = all_reduce_sum(torch.tensor(sft_sum), d).item()
-        if not math.isfinite(sft_loss) or not math.isfinite(grad_norm):
+        if not math.isfinite(sft_loss) or not (math.isfinite(grad_norm) or scaler.enabled):
             log.close()
             raise FloatingPointError(f"step {step}: loss {sft_loss} / grad norm {grad_norm} is not finite; stopping. "
                                      f"Last good checkpoint: {ckpt.latest() or 'none'}")
-        optimizer.step()
+        stepped = scaler.step(grad_norm, optimizer)  # fp16: an overflowed step is skipped
         optimizer.zero_grad(set_to_none=True)
         speed.add(cfg.batch_size * T)
-        metrics = {"loss": sft_loss, "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch}
+        metrics = {"loss": sft_loss, "lr": lr, "grad_norm": grad_norm if stepped else 0.0, "epoch": loader.epoch}
+        if scaler.enabled:
+            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
         if pretrain is not None:
             metrics["pretrain_loss"] = all_reduce_mean(pt_sum, d)
         if (step + 1) % cfg.log_every == 0 or step == start:
@@ -214,7 +219,7 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
             metrics["val_loss"] = evaluate(model, eval_loader(), d, dtype)
         log.log(step + 1, metrics, show=("loss", "val_loss", "lr", "tokens_per_s"))
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total_steps):
-            extra = {"loader": loader.state_dict(), "config": config_dict(cfg)}
+            extra = {"loader": loader.state_dict(), "scaler": scaler.state_dict(), "config": config_dict(cfg)}
             if pretrain is not None:
                 extra["pretrain_loader"] = pretrain.state_dict()
             ckpt.save(step + 1, model, optimizer, extra)
