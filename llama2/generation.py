@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llama2.model import KVCache, Transformer, attention_mask, linear, rope_frequencies
+from llama2.model import KVCache, Transformer, apply_rope, attention_mask, linear, rope_frequencies
 
 
 @dataclass
@@ -139,8 +139,7 @@ class PackedModel:
         x = self.tok_embeddings[tokens]  # (B, T, dim)
         for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(self.layers):
             q, k, v = linear(self._norm(x, n1), wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q = torch.view_as_real(torch.view_as_complex(q.reshape(B, T, nq, hd // 2, 2)) * fc).reshape(B, T, nq, hd)
-            k = torch.view_as_real(torch.view_as_complex(k.reshape(B, T, nkv, hd // 2, 2)) * fc).reshape(B, T, nkv, hd)
+            q, k = apply_rope(q.reshape(B, T, nq, hd), fc), apply_rope(k.reshape(B, T, nkv, hd), fc)  # in x's dtype
             cache.k[i][:, :, start:S] = k.transpose(1, 2)
             cache.v[i][:, :, start:S] = v.view(B, T, nkv, hd).transpose(1, 2)
             keys, values = cache.k[i][:, :, :S], cache.v[i][:, :, :S]  # (B, nkv, S, hd)

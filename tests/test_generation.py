@@ -51,6 +51,25 @@ def test_prefill_in_length_groups_equals_one_by_one(model, packed, monkeypatch):
         assert max(abs(x - y) for x, y in zip(b.logprobs, alone.logprobs)) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_path_in_half_precision(model, dtype):
+    """A bf16/fp16 model (PPO generates with its training dtype) decodes through the packed CPU path
+    as through the module: the same logits to the dtype's rounding, rotary output kept in that dtype."""
+    half = Transformer(model.args)
+    half.load_state_dict(model.state_dict())
+    half = half.to(dtype).eval()
+    x, pos = torch.tensor([prompts([11])[0]]), torch.arange(11)[None]
+    caches = [KVCache(model.args, 1, 16, dtype, "cpu") for _ in range(2)]
+    for c in caches:
+        c.key_mask[:, :11] = True
+    with torch.no_grad():
+        la = half(x, positions=pos, cache=caches[0])
+    lb = PackedModel(half)(x, positions=pos, cache=caches[1], last_only=False)
+    assert (la - lb).abs().max().item() < 0.1 * la.abs().max().item()
+    out = Generator(half, packed=True).generate(prompts([4, 7]), SamplingParams(max_new_tokens=8, temperature=0))
+    assert all(len(o.tokens) == 8 for o in out)
+
+
 def test_packed_path_equals_module_path(model):
     ps = prompts([4, 11, 2])
     params = SamplingParams(max_new_tokens=20, temperature=0)

@@ -320,3 +320,18 @@ def test_reward_model_rewards_and_value_model_from_the_reward_model(policy_path,
     main(cfg)
     m = metrics(tmp_path / "run")[1]
     assert 0 < m["reward"] < 1 and m["reward_helpfulness"] == m["reward_safety"]  # one model, both axes
+
+
+def test_float16_loss_scaling(policy_path, prompts_file, tmp_path):
+    """dtype float16: one loss scale for the policy and value losses; an overflowed mini-batch updates
+    neither model and halves the scale, and the iteration goes on."""
+    out = tmp_path / "fp16"
+    run = run_cli(overrides(policy_path, prompts_file, out, iterations=2, dtype="float16", ckpt_every=0,
+                            **{"optim.loss_scale": 1e12}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = metrics(out)
+    assert sorted(got) == [1, 2]
+    # 4 mini-batches per iteration, each overflowing at first: the scale halves on each skip
+    assert got[1]["skipped"] >= 1 and got[1]["loss_scale"] == 1e12 / 2 ** got[1]["skipped"]
+    assert got[2]["loss_scale"] == got[1]["loss_scale"] / 2 ** got[2]["skipped"]
+    assert all(math.isfinite(v) for r in got.values() for v in r.values() if isinstance(v, float))
