@@ -44,7 +44,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
             r = slice(i, i + ctx.rows)
             # fp32 logits: softmax straight into the gradient's rows, no chunk to copy (~2 ms a step
             # of the 20M benchmark model); others: an fp32 chunk, cast on the way in.
-            p = torch.softmax(logits[r], dim=-1, out=grad[r]) if fp32 else torch.softmax(logits[r].float(), dim=-1)
+            p = torch.softmax(logits[r].float(), dim=-1, out=grad[r] if fp32 else None)
             p.scatter_add_(1, safe[r], torch.full_like(scale[r], -1.0))  # softmax - onehot
             p.mul_(scale[r])
             if not fp32:

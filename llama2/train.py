@@ -161,6 +161,10 @@ class LossScaler:
                 self.clean_steps = 0
         return True
 
+    def metrics(self, skipped: int) -> dict:
+        """What a recipe logs: the scale and how many steps overflowed (nothing unless float16)."""
+        return {"loss_scale": self.scale, "skipped": skipped} if self.enabled else {}
+
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps} if self.enabled else {}
 

@@ -436,8 +436,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
             "response_len": lengths.mean().item(),
             "time_generation": t1 - t0, "time_scoring": t2 - t1, "time_training": t3 - t2,
         }
-        if scaler.enabled:
-            metrics.update(loss_scale=scaler.scale, skipped=skipped)
+        metrics.update(scaler.metrics(skipped))
         if not all(math.isfinite(v) for v in metrics.values()):
             log.close()
             raise FloatingPointError(f"iteration {it + 1}: non-finite metrics {metrics}; stopping. "

@@ -205,8 +205,7 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
         optimizer.zero_grad(set_to_none=True)
         speed.add(cfg.batch_tokens)
         metrics = {"loss": loss_avg, "lr": lr, "grad_norm": grad_norm if stepped else 0.0}
-        if scaler.enabled:
-            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
+        metrics.update(scaler.metrics(int(not stepped)))
         if (step + 1) % cfg.log_every == 0 or step == start:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, mfu=mfu)

@@ -258,8 +258,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
         pair_speed.add(cfg.batch_size)
         metrics = {"loss": loss_avg, "accuracy": all_reduce_mean(acc_sum, d), "gap": all_reduce_mean(gap_sum, d),
                    "lr": lr, "grad_norm": grad_norm if stepped else 0.0, "epoch": loader.epoch}
-        if scaler.enabled:
-            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
+        metrics.update(scaler.metrics(int(not stepped)))
         if (step + 1) % cfg.log_every == 0 or step == start:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, pairs_per_s=pair_speed.read()[0], mfu=mfu)

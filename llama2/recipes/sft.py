@@ -209,8 +209,7 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
         optimizer.zero_grad(set_to_none=True)
         speed.add(cfg.batch_size * T)
         metrics = {"loss": sft_loss, "lr": lr, "grad_norm": grad_norm if stepped else 0.0, "epoch": loader.epoch}
-        if scaler.enabled:
-            metrics.update(loss_scale=scaler.scale, skipped=int(not stepped))
+        metrics.update(scaler.metrics(int(not stepped)))
         if pretrain is not None:
             metrics["pretrain_loss"] = all_reduce_mean(pt_sum, d)
         if (step + 1) % cfg.log_every == 0 or step == start:
