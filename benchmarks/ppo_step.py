@@ -54,7 +54,7 @@ def prepare(work: Path, n_prompts: int, max_prompt_tokens: int) -> dict:
     from llama2.checkpoint import save_hf, save_native
     from llama2.model import Transformer, preset
     from llama2.tokenizer import load_tokenizer, train_sentencepiece
-    from llama2.world.formats import read_records, write_jsonl
+    from llama2.formats import read_records, write_jsonl
     from llama2.world.generate import generate_world
 
     work.mkdir(parents=True, exist_ok=True)

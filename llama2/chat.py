@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
-from llama2.generation import Generator, GenerationStats, SamplingParams
+from llama2.checkpoint import load_model, read_gguf, save_native
+from llama2.generation import GenerationStats, Generator, SamplingParams
+from llama2.paths import smollm2_gguf
+from llama2.tokenizer import StreamDecoder
 
 
 def cache_dir() -> Path:
@@ -25,9 +28,6 @@ def cache_dir() -> Path:
 
 def default_model() -> Path:
     """The bundled SmolLM2 model as a native checkpoint in the cache (converted on first use)."""
-    from llama2.checkpoint import read_gguf, save_native
-    from llama2.paths import smollm2_gguf
-
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (out / "model.json").is_file():
         src = smollm2_gguf()
@@ -45,8 +45,6 @@ def pick_device(name: str) -> torch.device:
 
 def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) ready for generation; refuses a checkpoint without a tokenizer."""
-    from llama2.checkpoint import load_model
-
     path = Path(model) if model else default_model()
     dev = pick_device(device)
     if dtype == "auto":
@@ -73,17 +71,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(a, fmt: ChatFormat | None, tok) -> SamplingParams:
-    stop_ids = tuple(sorted(fmt.stop_ids if fmt is not None else {tok.eos_id}))
-    stop_strings = tuple(fmt.stop_strings) if fmt is not None else ()
-    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                          top_k=a.top_k, seed=a.seed, stop_ids=stop_ids, stop_strings=stop_strings,
-                          ignore_eos=getattr(a, "ignore_eos", False))
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+              seed=a.seed, ignore_eos=getattr(a, "ignore_eos", False))
+    if fmt is None:  # a plain completion: only EOS ends it
+        return SamplingParams(stop_ids=(tok.eos_id,), **kw)
+    return SamplingParams.for_chat(fmt, **kw)
 
 
 def stream_printer(tok, out=None):
     """An `on_token` callback that prints text as it becomes final (one row only)."""
-    from llama2.tokenizer import StreamDecoder
-
     dec = StreamDecoder(tok)
     out = out or sys.stdout
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+# The chat format's tags: content containing them could forge turns.
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
 
 Role = Literal["system", "user", "assistant"]

@@ -7,6 +7,7 @@ message naming the file (or the command line) and the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -191,3 +192,23 @@ def _check_keys(cls, data: dict, where: str, prefix: str = "") -> None:
 
 def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_object(spec: str, where: str = "module:attr"):
+    """The object a `module:attr` string names (a CLI command, a user's scorer or classifier).
+
+    The one place the package turns a name into code: the CLI's command tables and every config
+    field that accepts `module:attr` go through it, so the error for a wrong name reads the same."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"{where}: expected `module:attr`, got {spec!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module and not module.startswith(f"{e.name}."):
+            raise  # a missing dependency inside an existing module is a real error
+        raise ConfigError(f"{where}: no module {module!r} (from {spec!r})") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ConfigError(f"{where}: module {module!r} has no {attr!r}") from None

@@ -824,27 +824,3 @@ def info_cli(argv: list[str]) -> int:
           f"(mean {ds.num_tokens / ds.num_docs:,.1f} tokens), {len(ds.shards)} shard(s), {ds.manifest['dtype']}")
     print(f"tokenizer: {tok['path']} (vocab {tok['vocab_size']}, bos {tok['bos_id']}, eos {tok['eos_id']})")
     return 0
-
-
-# subcommand -> ("module:function", help); imported lazily like llama2.cli.COMMANDS.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("llama2.world.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
-    "pretokenize": ("llama2.data:pretokenize_cli", "tokenize a corpus into token shards + manifest"),
-    "info": ("llama2.data:info_cli", "summarise a pretokenized dataset"),
-}
-
-
-def data_cli(argv: list[str]) -> int:
-    """`llama2 data <subcommand> ...`."""
-    import importlib
-
-    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in SUBCOMMANDS:
-        width = max(map(len, SUBCOMMANDS))
-        lines = ["usage: llama2 data <subcommand> [options]", "", "subcommands:"]
-        lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-        known = not argv or argv[0] in ("-h", "--help", "help")
-        print(("" if known else f"llama2 data: unknown subcommand {argv[0]!r}\n\n") + "\n".join(lines),
-              file=sys.stdout if known else sys.stderr)
-        return 0 if known else 2
-    module, func = SUBCOMMANDS[argv[0]][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)

@@ -34,6 +34,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    @classmethod
+    def for_chat(cls, fmt, **kw) -> SamplingParams:
+        """Sampling that stops where the chat format `fmt` (llama2.chat_format.ChatFormat) ends a turn."""
+        return cls(stop_ids=tuple(sorted(fmt.stop_ids)), stop_strings=tuple(fmt.stop_strings), **kw)
+
 
 @dataclass
 class Completion:

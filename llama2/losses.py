@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llama2.formats import RATINGS
+
 IGNORE = -100  # target id that contributes no loss (prompt tokens in SFT, padding)
 
 
@@ -68,7 +70,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 
 # Margin m(r) by preference rating (Llama 2 Table 27): a larger gap for more distinct responses.
-RATINGS = ("significantly better", "better", "slightly better", "negligibly better/unsure")
 MARGINS = {
     "none": {r: 0.0 for r in RATINGS},
     "small": {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3, "negligibly better/unsure": 0.0},

@@ -15,7 +15,7 @@ import io
 import json
 from pathlib import Path
 
-RATINGS = ("significantly better", "better", "slightly better", "negligibly better/unsure")
+from llama2.formats import RATINGS
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from llama2.checkpoint import build_model
 from llama2.distributed import Dist, all_reduce_sum
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import kl_penalty
@@ -98,7 +99,6 @@ def consolidated_policy(policy: torch.nn.Module, d: Dist, dtype: torch.dtype) ->
     """
     if not d.enabled and next(policy.parameters()).dtype == dtype:
         return policy
-    from llama2.checkpoint import build_model
 
     state = {}
     for name, t in policy.state_dict().items():

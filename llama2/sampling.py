@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from llama2.chat import load_for_inference
 from llama2.chat_format import ChatFormat
 from llama2.generation import Completion, Generator, SamplingParams
 
@@ -25,9 +26,8 @@ class DialogSampler:
         self.generator.refresh()
 
     def params(self, temperature: float, top_p: float, max_new_tokens: int, seed: int | None) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop_ids=tuple(sorted(self.format.stop_ids)),
-                              stop_strings=tuple(self.format.stop_strings))
+        return SamplingParams.for_chat(self.format, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, seed=seed)
 
     def sample(self, dialogs: list[list[dict]], n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                max_new_tokens: int = 64, seed: int | None = 0) -> list[list[Completion]]:
@@ -48,15 +48,15 @@ class DialogSampler:
 def sample_responses(model_path: str | Path, records: list[dict], temperature: float, seed: int,
                      max_new_tokens: int = 64, top_p: float = 1.0) -> list[str]:
     """One answer text per prompt record (`messages` ending with a user turn), from a checkpoint."""
-    sampler = _cached_sampler(str(model_path))
+    path = Path(model_path)
+    sampler = _cached_sampler(str(path), path.stat().st_mtime_ns)
     outs = sampler.sample([r["messages"] for r in records], 1, temperature, top_p, max_new_tokens, seed)
     return [o[0].text.strip() for o in outs]
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_sampler(model_path: str) -> DialogSampler:
-    """Annotation samples each (policy, temperature) arm separately: load each policy once."""
-    from llama2.chat import load_for_inference
-
+def _cached_sampler(model_path: str, stamp: int) -> DialogSampler:
+    """Annotation samples each (policy, temperature) arm separately: load each policy once (a
+    checkpoint rewritten at the same path has a new `stamp`, and is loaded again)."""
     model, tok = load_for_inference(model_path)
     return DialogSampler(model, tok)

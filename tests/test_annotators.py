@@ -8,7 +8,8 @@ from llama2.world import annotators as A
 from llama2.world import safety as S
 from llama2.world import tasks
 from llama2.world.corrupt import corrupt_answer
-from llama2.world.formats import check_record
+from llama2.formats import RATINGS, SAFETY_LABELS, check_record, read_records, write_jsonl
+from llama2.recipes import annotate
 from llama2.world.universe import build_universe
 
 SAFETY_TASKS = ("adversarial", "borderline")
@@ -54,9 +55,9 @@ def big_batch():
 def test_agreement_with_the_grader_falls_across_the_rating_levels(big_batch):
     _, (pairs, stats) = big_batch
     agreement = stats.agreement()
-    ranked = [stats.agreement_counts[r][1] for r in A.RATINGS]
+    ranked = [stats.agreement_counts[r][1] for r in RATINGS]
     assert sum(ranked) > 2000 and min(ranked) >= 100  # thousands of pairs, over a hundred per level
-    values = [agreement[r] for r in A.RATINGS]
+    values = [agreement[r] for r in RATINGS]
     # measured: 0.995 / 0.977 / 0.885 / 0.634 (significantly / better / slightly / negligibly better)
     assert values == sorted(values, reverse=True) and len(set(values)) == 4
     assert values[0] >= 0.97 and values[2] <= 0.95 and 0.55 <= values[-1] <= 0.8
@@ -86,7 +87,7 @@ def test_batch_pairs_are_well_formed_and_accounted_for(big_batch):
     for p in pairs:
         assert set(p) == fields and p["chosen"].strip() != p["rejected"].strip()
         check_record(p, "preferences")  # the world core's validator
-        assert p["batch"] == 3 and p["source"] == "simulated" and p["rating"] in A.RATINGS
+        assert p["batch"] == 3 and p["source"] == "simulated" and p["rating"] in RATINGS
         assert p["split"] in ("train", "test")
         assert (p["axis"] == "safety") == (p["task"] == "adversarial")
         assert (p["safety_label"] is None) == (p["axis"] == "helpfulness")
@@ -94,8 +95,8 @@ def test_batch_pairs_are_well_formed_and_accounted_for(big_batch):
     assert Counter(p["split"] for p in pairs)["test"] > 0
     # Every arm was sampled; all four rating levels and all three safety labels occur.
     assert set(stats.arms) == {"A@0.7", "A@1", "B@0.7", "B@1"}
-    assert set(stats.ratings) == set(A.RATINGS)
-    assert set(stats.safety_labels) == set(A.SAFETY_LABELS)
+    assert set(stats.ratings) == set(RATINGS)
+    assert set(stats.safety_labels) == set(SAFETY_LABELS)
 
 
 def _prompt_of(pair: dict, records: list[dict]) -> dict:
@@ -232,10 +233,9 @@ def test_annotate_cli_writes_a_batch(tmp_path, world_tokenizer):
     from llama2.checkpoint import save_native
     from llama2.model import ModelArgs, Transformer
 
-    formats = pytest.importorskip("llama2.world.formats")
     records = _records(9, 20, 10, 20)
     prompts = tmp_path / "prompts.jsonl"
-    formats.write_jsonl(prompts, records)
+    write_jsonl(prompts, records)
     for name, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)
         m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=world_tokenizer.vocab_size,
@@ -243,12 +243,12 @@ def test_annotate_cli_writes_a_batch(tmp_path, world_tokenizer):
         m.init_weights(std=0.5)
         save_native(tmp_path / name, m, tokenizer=world_tokenizer)
     out = tmp_path / "prefs.jsonl"
-    rc = A.annotate_cli(["--simulate", "--policy", str(tmp_path / "a"), "--policy", str(tmp_path / "b"),
+    rc = annotate.cli(["--simulate", "--policy", str(tmp_path / "a"), "--policy", str(tmp_path / "b"),
                          "--prompts", str(prompts), "--temperatures", "0.7", "1.0", "--out", str(out),
                          "--batch", "2", "--seed", "1", "--max-new-tokens", "6"])
     assert rc == 0
-    pairs = formats.read_records(out, "preferences")  # every pair validates
+    pairs = read_records(out, "preferences")  # every pair validates
     assert len(pairs) >= 30 and {p["batch"] for p in pairs} == {2}
     assert {p["axis"] for p in pairs} == {"helpfulness", "safety"}
     with pytest.raises(SystemExit):
-        A.annotate_cli(["--policy", "a.pt", "--prompts", str(prompts), "--out", str(out)])  # no --simulate
+        annotate.cli(["--policy", "a.pt", "--prompts", str(prompts), "--out", str(out)])  # no --simulate

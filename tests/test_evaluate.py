@@ -28,11 +28,11 @@ def test_win_rate_counts_ties_apart():
 def test_answers_cache_reuses_only_identical_model_prompts_and_decoding(tmp_path, monkeypatch):
     calls = []
 
-    def fake_sample(model_path, records, cfg):
+    def fake_sample(model_path, records, temperature, seed, max_new_tokens, top_p):
         calls.append(model_path)
-        return [f"{model_path}:{r['id']}:{cfg.temperature}" for r in records]
+        return [f"{model_path}:{r['id']}:{temperature}" for r in records]
 
-    monkeypatch.setattr(ev, "_sample_answers", fake_sample)
+    monkeypatch.setattr(ev, "sample_responses", fake_sample)
     model = tmp_path / "m"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights-1")

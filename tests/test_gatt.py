@@ -4,7 +4,7 @@ import random
 import pytest
 
 from llama2.world import gatt
-from llama2.world.formats import check_record
+from llama2.formats import check_record
 from llama2.world.gatt import Constraint
 from llama2.world.lexicon import EN_FR, FR_EN, is_french, to_french
 

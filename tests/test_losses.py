@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama2.losses import gae, gated_reward, kl_penalty, logit, masked_mean, ppo_policy_loss, value_loss, whiten
-from llama2.rlhf_reward import GatedReward
+from llama2.gated_reward import GatedReward
 
 
 def test_safety_gate():
@@ -81,7 +81,7 @@ def test_value_loss_hand_computed():
 def test_grader_scorer_gates_refusals(world_dir):
     import json
 
-    from llama2.rlhf_reward import GraderScorer
+    from llama2.world.oracle import GraderScorer
 
     records = [json.loads(line) for line in (world_dir / "prompts" / "eval.jsonl").read_text().splitlines()[:300]]
     reward = GatedReward(GraderScorer("helpfulness"), GraderScorer("safety"))

@@ -307,7 +307,7 @@ def test_paper_settings_in_presets():
 def test_reward_model_rewards_and_value_model_from_the_reward_model(policy_path, prompts_file, tmp_path, monkeypatch):
     from llama2.checkpoint import read_checkpoint
     from llama2.recipes.ppo import value_init
-    from llama2.reward import reward_state
+    from llama2.reward_scoring import reward_state
 
     monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
     ck = read_checkpoint(policy_path)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2.best_of_n import best_of_n, best_of_n_curves, choose_temperature, plot_best_of_n
+from llama2.recipes.best_of_n import best_of_n, best_of_n_curves, choose_temperature, plot_best_of_n
 from llama2.config import ConfigError, load_config
 from llama2.generation import Completion
 from llama2.recipes.rejection_sampling import (RejectionSamplingConfig, best_per_prompt, clear_preferences, main,
                                               score_samples, select_pool)
-from llama2.rlhf_reward import GatedReward
+from llama2.gated_reward import GatedReward
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,8 +145,8 @@ def test_min_gap_keeps_only_answers_the_reward_clearly_prefers():
 
 
 def test_reward_axes_choose_the_prompts_by_the_reward_model_that_judges_them(world_dir):
-    from llama2.best_of_n import load_prompt_records
-    from llama2.rlhf_reward import prompt_axis
+    from llama2.recipes.best_of_n import load_prompt_records
+    from llama2.gated_reward import prompt_axis
 
     assert prompt_axis({"is_safety": True}) == "safety" and prompt_axis({"is_safety": False}) == "helpfulness"
     assert prompt_axis({}) == "helpfulness"
@@ -242,7 +242,7 @@ class FakeSampler:
 
 class TextReward:
     def __call__(self, records, responses):
-        from llama2.rlhf_reward import RewardScores
+        from llama2.gated_reward import RewardScores
 
         # reward = j / n at T = 1.0, half of that at other temperatures
         vals = torch.tensor([float(r.split()[2]) / 4 * (1.0 if r.startswith("1.0") else 0.5) for r in responses])

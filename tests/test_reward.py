@@ -15,12 +15,13 @@ import torch
 from llama2.chat_format import ChatFormat
 from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, load_config
-from llama2.losses import MARGINS, RATINGS, ranking_loss
+from llama2.formats import RATINGS
+from llama2.losses import MARGINS, ranking_loss
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.reward_model import RewardConfig, main
-from llama2.reward import (PairLoader, PairRow, RewardScorer, mix_pairs, pair_scores, read_pairs,
-                           response_ids, reward_state, tokenize_pairs)
-from llama2.world.formats import DataError
+from llama2.preference_data import PairLoader, PairRow, mix_pairs, read_pairs, tokenize_pairs
+from llama2.reward_scoring import RewardScorer, pair_scores, response_ids, reward_state
+from llama2.formats import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "assets" / "losses" / "reward_tiny.json"

@@ -11,7 +11,7 @@ import pytest
 
 from llama2.world import corrupt as C
 from llama2.world import tasks as T
-from llama2.world.formats import RATINGS, DataError, read_records, validate_cli, validate_file, write_parquet
+from llama2.formats import RATINGS, DataError, read_records, validate_cli, validate_file, write_parquet
 from llama2.world.generate import generate_world
 from llama2.world.grading import grade_helpfulness
 from llama2.world.pairs import offline_preference_pairs

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from llama2.world import safety as S
-from llama2.world.formats import check_record
+from llama2.formats import check_record
 from llama2.world.grading import grade_helpfulness
 from llama2.world.lexicon import is_french
 from llama2.world.safety_data import BORDERLINE, HARMS, RISK_CATEGORIES

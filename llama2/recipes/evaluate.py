@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 from llama2.config import ConfigError, save_config
+from llama2.formats import read_records
+from llama2.gated_reward import load_gated_reward
 from llama2.recipes.common import recipe_cli
+from llama2.sampling import sample_responses
+from llama2.world.annotators import violation_report
+from llama2.world.grading import grade_helpfulness
+from llama2.world.safety_grading import is_refusal
 
 
 @dataclass
@@ -86,7 +92,7 @@ def answer(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[st
     cached = Path(cfg.answers_cache) / f"{_answers_key(model_path, records, cfg)}.json" if cfg.answers_cache else None
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text())
-    answers = _sample_answers(model_path, records, cfg)
+    answers = sample_responses(model_path, records, cfg.temperature, cfg.seed, cfg.max_new_tokens, cfg.top_p)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
@@ -95,23 +101,9 @@ def answer(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[st
     return answers
 
 
-def _sample_answers(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[str]:
-    from llama2.chat import load_for_inference
-    from llama2.sampling import DialogSampler
-
-    model, tok = load_for_inference(model_path)
-    sampler = DialogSampler(model, tok)
-    outs = sampler.sample([r["messages"] for r in records], 1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
-    return [o[0].text.strip() for o in outs]
-
-
 def grader_report(records: list[dict], answers: list[str], seed: int = 0) -> tuple[dict, list[float]]:
     """Helpfulness by the graders, violation rate by three Likert raters, false-refusal rates;
     also the per-answer helpfulness scores (for win rates)."""
-    from llama2.world.annotators import violation_report
-    from llama2.world.grading import grade_helpfulness
-    from llama2.world.safety_grading import is_refusal
-
     helpful = [grade_helpfulness(r, x).score for r, x in zip(records, answers)]
     adversarial = [(r, x) for r, x in zip(records, answers) if r.get("is_safety")]
     borderline = [x for r, x in zip(records, answers) if r.get("task") == "borderline"]
@@ -129,25 +121,7 @@ def grader_report(records: list[dict], answers: list[str], seed: int = 0) -> tup
     return report, helpful
 
 
-def load_judge(helpfulness_rm: str, safety_rm: str):
-    """The reward-model judge as a GatedReward, or None when no reward model is given."""
-    if not helpfulness_rm:
-        return None
-    from llama2.rlhf_reward import GatedReward, GraderScorer
-
-    def scorer(spec: str, axis: str):
-        if spec == "grader":
-            return GraderScorer(axis)
-        from llama2.reward import RewardScorer
-
-        return RewardScorer(spec)
-
-    return GatedReward(scorer(helpfulness_rm, "helpfulness"), scorer(safety_rm, "safety") if safety_rm else None)
-
-
-def evaluate(cfg: EvaluateConfig) -> dict:
-    from llama2.world.formats import read_records
-
+def compare_models(cfg: EvaluateConfig) -> dict:
     if not cfg.model:
         raise ConfigError("model: the checkpoint to evaluate is required")
     if not cfg.prompts:
@@ -159,7 +133,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = {"model": cfg.model, **{f"baseline{i}": b for i, b in enumerate(cfg.baselines)}}
     answers = {name: answer(path, records, cfg) for name, path in models.items()}
-    judge = load_judge(cfg.helpfulness_rm, cfg.safety_rm)
+    judge = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm) if cfg.helpfulness_rm else None
     result: dict = {"prompts": len(records), "models": models, "decoding": {"temperature": cfg.temperature,
                                                                            "top_p": cfg.top_p}}
     graded, rm_scores = {}, {}
@@ -202,7 +176,7 @@ def summary_lines(result: dict) -> list[str]:
 
 def main(cfg: EvaluateConfig, resume: bool = False) -> int:
     torch.set_grad_enabled(False)
-    result = evaluate(cfg)
+    result = compare_models(cfg)
     save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     for line in summary_lines(result):
         print(line)

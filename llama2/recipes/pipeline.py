@@ -28,7 +28,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
+from llama2.formats import AXES, read_records, write_jsonl
+from llama2.gated_reward import prompt_axis
+from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
+from llama2.recipes.evaluate import (
+    EvaluateConfig,
+    compare_models,
+    summary_lines,
+    wilson_interval,
+)
+from llama2.report import write_report
+from llama2.sampling import sample_responses
+from llama2.world.annotators import AnnotatorConfig, annotate_batch
+from llama2.world.generate import generate_world
 
 
 @dataclass
@@ -147,17 +162,10 @@ def _exists(path: str, what: str) -> None:
 
 def check(cfg: PipelineConfig) -> None:
     """Everything that can be checked before work starts: stage configs and the files they name."""
-    from llama2.recipes.evaluate import EvaluateConfig
-    from llama2.recipes.ppo import PPOConfig
-    from llama2.recipes.pretrain import PretrainConfig
-    from llama2.recipes.rejection_sampling import RejectionSamplingConfig
-    from llama2.recipes.reward_model import RewardConfig
-    from llama2.recipes.sft import SFTConfig
-
     if cfg.versions < 1:
         raise ConfigError("versions: at least one RLHF version is needed")
-    for name, cls in [("pretrain", PretrainConfig), ("sft", SFTConfig), ("reward", RewardConfig),
-                      ("rejection_sampling", RejectionSamplingConfig), ("ppo", PPOConfig),
+    for name, cls in [("pretrain", pretrain.PretrainConfig), ("sft", sft.SFTConfig), ("reward", reward_model.RewardConfig),
+                      ("rejection_sampling", rejection_sampling.RejectionSamplingConfig), ("ppo", ppo.PPOConfig),
                       ("evaluate", EvaluateConfig)]:
         from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
     for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
@@ -167,20 +175,17 @@ def check(cfg: PipelineConfig) -> None:
     for key in ("base_model", "tokenizer", "helpfulness_rm", "safety_rm"):
         _exists(getattr(cfg, key), key)
     # pretrain_mix reads this run's pretraining tokens unless pretrain_data names others
-    for name, sft in (("sft", cfg.sft), ("rejection_sampling.sft", cfg.rejection_sampling.get("sft", {}))):
-        if sft.get("pretrain_mix", 0) > 0 and cfg.base_model and not sft.get("pretrain_data"):
+    for name, options in (("sft", cfg.sft), ("rejection_sampling.sft", cfg.rejection_sampling.get("sft", {}))):
+        if options.get("pretrain_mix", 0) > 0 and cfg.base_model and not options.get("pretrain_data"):
             raise ConfigError(f"{name}.pretrain_mix: with base_model there are no pretraining tokens of this run; "
                               f"set {name}.pretrain_data (llama2 data pretokenize) or pretrain_mix: 0")
     if bool(cfg.helpfulness_rm) != bool(cfg.safety_rm) and not cfg.helpfulness_rm:
         raise ConfigError("safety_rm given without helpfulness_rm")
     # your own prompts must hold some of the kinds rejection sampling and PPO are told to use
     if cfg.prompts:
-        from llama2.rlhf_reward import REWARD_AXES, prompt_axis
-        from llama2.world.formats import read_records
-
         kinds = {prompt_axis(r) for p in cfg.prompts for r in read_records(p, "prompts")}
         for name in ("rejection_sampling", "ppo"):
-            axes = (getattr(cfg, name) or {}).get("reward_axes", REWARD_AXES)
+            axes = (getattr(cfg, name) or {}).get("reward_axes", AXES)
             if not kinds & set(axes):
                 raise ConfigError(f"{name}.reward_axes: {axes}, but prompts {cfg.prompts} hold only "
                                   f"{sorted(kinds)} prompts (a prompt is a safety one when `is_safety` is true)")
@@ -190,52 +195,44 @@ def check(cfg: PipelineConfig) -> None:
 
 
 def stage_world(run: Run, cfg: PipelineConfig) -> dict:
-    from llama2.world.generate import generate_world
-
     if not (run.world / "manifest.json").is_file():
         generate_world(run.world, seed=cfg.world_seed, size=cfg.world_size)
     return {"dir": str(run.world)}
 
 
 def stage_pretrain(run: Run, cfg: PipelineConfig, out: Path, resume: bool) -> dict:
-    from llama2.recipes.pretrain import PretrainConfig, main
-
     if cfg.base_model:
         return {"model": cfg.base_model, "skipped": "base_model given"}
-    pc = from_dict(PretrainConfig, {**cfg.pretrain, "out_dir": str(out), "seed": cfg.seed, "device": cfg.device,
+    pc = from_dict(pretrain.PretrainConfig, {**cfg.pretrain, "out_dir": str(out), "seed": cfg.seed, "device": cfg.device,
                                     "data": {**cfg.pretrain.get("data", {}),
                                              "corpus": run.files(cfg.pretrain_corpus, "corpus/pretrain.jsonl"),
                                              **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})}},
                    "pipeline.pretrain")
-    main(pc, resume=resume and has_checkpoint(out))
+    pretrain.main(pc, resume=resume and has_checkpoint(out))
     return {"model": str(out / "final")}
 
 
-def with_pretrain_tokens(run: Run, sft: dict) -> dict:
+def with_pretrain_tokens(run: Run, options: dict) -> dict:
     """SFT options with `pretrain_data` pointing at this run's pretraining tokens when `pretrain_mix`
     asks for them and none are given."""
     pretrain_tokens = run.root / "pretrain" / "tokens"
-    if sft.get("pretrain_mix", 0) > 0 and not sft.get("pretrain_data") and pretrain_tokens.is_dir():
-        return {**sft, "pretrain_data": str(pretrain_tokens)}
-    return sft
+    if options.get("pretrain_mix", 0) > 0 and not options.get("pretrain_data") and pretrain_tokens.is_dir():
+        return {**options, "pretrain_data": str(pretrain_tokens)}
+    return options
 
 
 def stage_sft(run: Run, cfg: PipelineConfig, out: Path, resume: bool, model: str, extra: dict | None = None) -> dict:
-    from llama2.recipes.sft import SFTConfig, main
-
     over = with_pretrain_tokens(run, {**cfg.sft, **(extra or {})})
-    sc = from_dict(SFTConfig, {**over, "out_dir": str(out), "model": model, "seed": cfg.seed, "device": cfg.device,
+    sc = from_dict(sft.SFTConfig, {**over, "out_dir": str(out), "model": model, "seed": cfg.seed, "device": cfg.device,
                                "train_data": run.files(cfg.sft_train, "sft/train.jsonl"),
                                "eval_data": run.files(cfg.sft_eval, "sft/test.jsonl")}, "pipeline.sft")
-    main(sc, resume=resume and has_checkpoint(out))
+    sft.main(sc, resume=resume and has_checkpoint(out))
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
     return {"model": str(out / "final"), "steps": steps}
 
 
 def _batch_prompts(run: Run, cfg: PipelineConfig, version: int) -> tuple[list[dict], list[dict]]:
     """The weekly batch's prompts and its held-out test prompts (batches cycle if there are fewer)."""
-    from llama2.world.formats import read_records
-
     train = [r for p in run.files(cfg.prompts, "prompts/train.jsonl") for r in read_records(p, "prompts")
              if r["split"] == "train"]
     batches = sorted({r["batch"] for r in train if r.get("batch") is not None}) or [None]
@@ -252,10 +249,6 @@ def _batch_prompts(run: Run, cfg: PipelineConfig, version: int) -> tuple[list[di
 def stage_annotate(run: Run, cfg: PipelineConfig, out: Path, version: int, policies: list[str]) -> dict:
     """A weekly batch (§3.2.1): two answers per prompt from two (model variant, temperature) arms,
     judged by the simulated annotators; test prompts give the batch's held-out pairs."""
-    from llama2.sampling import sample_responses
-    from llama2.world.annotators import AnnotatorConfig, annotate_batch
-    from llama2.world.formats import write_jsonl
-
     records, tests = _batch_prompts(run, cfg, version)
     for r in tests:
         r["split"] = "test"
@@ -277,8 +270,6 @@ def stage_annotate(run: Run, cfg: PipelineConfig, out: Path, version: int, polic
 
 def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, model: str) -> dict:
     """Both reward models, retrained on every batch so far plus the extra (open-source-like) pairs."""
-    from llama2.recipes.reward_model import RewardConfig, main
-
     if cfg.helpfulness_rm:
         return {"helpfulness": cfg.helpfulness_rm, "safety": cfg.safety_rm or cfg.helpfulness_rm,
                 "skipped": "reward models given"}
@@ -288,10 +279,10 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
     outputs = {}
     for objective in ("helpfulness", "safety"):
         d = out.parent / f"reward_{objective}"
-        rc = from_dict(RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
+        rc = from_dict(reward_model.RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
                                       "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
                                       "device": cfg.device}, "pipeline.reward")
-        main(rc, resume=resume and has_checkpoint(d))
+        reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
         report_on_policy_accuracy(cfg, d / "eval" / "eval.json", objective, version)
     return outputs
@@ -301,9 +292,6 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
     """Print the reward model's accuracy on this batch's held-out pairs (the policy's own answers),
     and say so when it is at chance (its 95% interval holds 0.5, over at least 50 pairs) while
     rejection sampling or PPO still optimise it (`reward_axes`)."""
-    from llama2.recipes.evaluate import wilson_interval
-    from llama2.rlhf_reward import REWARD_AXES
-
     if not eval_json.is_file():
         return
     got = json.loads(eval_json.read_text()).get("test_sets", {}).get(f"batch{version}/{objective}")
@@ -313,7 +301,7 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
     lo, hi = wilson_interval(round(acc * n), n)
     stages = ["rejection_sampling"] + (["ppo"] if f"v{version}.ppo" in stage_names(cfg) else [])
     users = [stage for stage in stages
-             if objective in (getattr(cfg, stage) or {}).get("reward_axes", REWARD_AXES)]
+             if objective in (getattr(cfg, stage) or {}).get("reward_axes", AXES)]
     note = ""
     if lo <= 0.5 and n < 50:
         note = ": too few pairs to tell it from chance"
@@ -327,47 +315,41 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
 
 def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,
                              rms: dict) -> dict:
-    from llama2.recipes.rejection_sampling import RejectionSamplingConfig, main
-
     pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
     over = dict(cfg.rejection_sampling)
     if over.get("replay_examples") and not over.get("replay"):
         over["replay"] = run.files(cfg.sft_train, "sft/train.jsonl")  # the run's SFT dialogs
     if "sft" in over:
         over["sft"] = with_pretrain_tokens(run, over["sft"])
-    rc = from_dict(RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,
+    rc = from_dict(rejection_sampling.RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,
                                              "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
                                              "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
                                              "pool_from": pools, "seed": cfg.seed + version, "device": cfg.device},
                    "pipeline.rejection_sampling")
-    main(rc, resume=resume)
+    rejection_sampling.main(rc, resume=resume)
     stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
     steps = sum(1 for p in out.glob("iter-*/sft/metrics.jsonl") for _ in open(p))
     return {"model": str((out / "final").resolve()), "steps": steps, "stats": stats}
 
 
 def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str, rms: dict) -> dict:
-    from llama2.recipes.ppo import PPOConfig, main
-
-    pc = from_dict(PPOConfig, {**cfg.ppo, "out_dir": str(out), "policy": policy,
+    pc = from_dict(ppo.PPOConfig, {**cfg.ppo, "out_dir": str(out), "policy": policy,
                                "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
                                "eval_prompts": run.files(cfg.test_prompts, "prompts/test_batch*.jsonl"),
                                "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
                                "seed": cfg.seed + version, "device": cfg.device}, "pipeline.ppo")
-    main(pc, resume=resume and has_checkpoint(out))
+    ppo.main(pc, resume=resume and has_checkpoint(out))
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
     return {"model": str(out / "final"), "steps": steps}
 
 
 def stage_eval(run: Run, cfg: PipelineConfig, out: Path, model: str, baselines: list[str], rms: dict) -> dict:
-    from llama2.recipes.evaluate import EvaluateConfig, evaluate, summary_lines
-
     ec = from_dict(EvaluateConfig, {**cfg.evaluate, "out_dir": str(out), "model": model, "baselines": baselines,
                                     "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"),
                                     "helpfulness_rm": rms.get("helpfulness", ""), "safety_rm": rms.get("safety", ""),
                                     "seed": cfg.seed, "answers_cache": str(run.root / "eval_answers")},
                    "pipeline.evaluate")
-    result = evaluate(ec)
+    result = compare_models(ec)
     for line in summary_lines(result):
         print(f"[pipeline]   {line}", flush=True)
     return {"eval": str(out / "eval.json")}
@@ -420,8 +402,6 @@ def main(cfg: PipelineConfig, resume: bool = True, from_stage: str | None = None
         outputs = run_stage(run, cfg, stage, out, interrupted)
         run.finish(stage, outputs, time.time() - t0)
         print(f"[pipeline] {stage} done in {time.time() - t0:.0f}s", flush=True)
-    from llama2.report import write_report
-
     report = write_report(run.root)
     summary = json.loads((run.root / "summary.json").read_text())
     final = summary["final_model"]
@@ -444,7 +424,7 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         extra = sum(run.state["done"][s].get("steps", 0) for s in run.state["done"]
                     if s.endswith((".rejection_sampling", ".ppo")))
         sft_steps = max(1, run.state["done"]["sft"].get("steps", 1))
-        epochs = from_dict(_sft_cls(), cfg.sft, "pipeline.sft").epochs
+        epochs = from_dict(sft.SFTConfig, cfg.sft, "pipeline.sft").epochs
         return {**stage_sft(run, cfg, out, resume, sft_model, {"epochs": epochs * extra / sft_steps}),
                 "matched_steps": extra}
     if stage == "control.eval":
@@ -471,12 +451,6 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         model = run.output(f"v{v}.ppo") if run.done(f"v{v}.ppo") else run.output(f"v{v}.rejection_sampling")
         return {**stage_eval(run, cfg, out, model, [sft_model], _rms(run, v)), "model_path": model}
     raise ConfigError(f"unknown stage {stage!r}")
-
-
-def _sft_cls():
-    from llama2.recipes.sft import SFTConfig
-
-    return SFTConfig
 
 
 def _rms(run: Run, version: int) -> dict:
@@ -506,8 +480,6 @@ def cli(argv: list[str]) -> int:
         print("\n".join(stage_names(cfg)))
         return 0
     if a.print_config:
-        import yaml
-
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     return main(cfg, from_stage=a.from_stage)

@@ -21,23 +21,37 @@ rank sampling its share of the prompts. The result loads in `llama2 chat`.
 """
 from __future__ import annotations
 
-import importlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from llama2.chat_format import ChatFormat
 from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
+from llama2.formats import AXES, read_records
+from llama2.gated_reward import (
+    GatedReward,
+    check_reward_axes,
+    load_gated_reward,
+    prompt_axis,
+)
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs, Ragged
-from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.rlhf_reward import REWARD_AXES, GatedReward, GraderScorer, check_reward_axes, prompt_axis
+from llama2.recipes.common import (
+    config_dict,
+    kill_hook,
+    place_model,
+    recipe_cli,
+    resume_latest,
+)
 from llama2.rollout import (
     PPOBatch,
     Rollout,
@@ -81,7 +95,7 @@ class PPOConfig:
     safety_threshold: float = 0.15  # Rc = Rs when Rs < 0.15 (precision 0.89, recall 0.55 in the paper)
     # Which prompts PPO trains and early-stops on, by the reward model that judges them (§3.2.3:
     # all): `safety` = safety prompts, `helpfulness` = the others (as in rejection sampling).
-    reward_axes: list[str] = field(default_factory=lambda: list(REWARD_AXES))
+    reward_axes: list[str] = field(default_factory=lambda: list(AXES))
     value_model: str = ""  # scalar-head checkpoint; "" = the helpfulness reward model (or, with a
     #                        non-checkpoint reward, the policy's weights under a new zero head)
     prompts: list[str] = field(default_factory=list)  # prompt files (JSONL/Parquet `prompts` records)
@@ -124,8 +138,6 @@ def load_prompts(paths: list[str], fmt, max_tokens: int, what: str,
                  axes: list[str] | None = None) -> tuple[list[dict], list[list[int]], int]:
     """Prompt records (those whose `prompt_axis` is in `axes`, if given), their ids in the chat
     format, and how many were too long (skipped, counted)."""
-    from llama2.world.formats import read_records
-
     records, ids, skipped = [], [], 0
     for p in paths:
         for r in read_records(p, "prompts"):
@@ -141,20 +153,6 @@ def load_prompts(paths: list[str], fmt, max_tokens: int, what: str,
         raise ConfigError(f"{what}: no prompt of at most max_prompt_tokens={max_tokens} tokens"
                           + (f" for reward_axes {axes}" if axes is not None else "") + f" in {paths}")
     return records, ids, skipped
-
-
-def build_scorer(spec: str, axis: str, d: Dist, dtype: torch.dtype, batch_size: int):
-    """A reward model for one axis: `grader` (the world's graders), `module:attr` (a scorer object,
-    or a class called without arguments), or a reward-model checkpoint (llama2.reward.RewardScorer)."""
-    if spec == "grader":
-        return GraderScorer(axis)
-    if ":" in spec and not Path(spec).exists():
-        module, attr = spec.split(":", 1)
-        obj = getattr(importlib.import_module(module), attr)
-        return obj() if isinstance(obj, type) else obj
-    from llama2.reward import RewardScorer
-
-    return RewardScorer(spec, batch_size=batch_size, device=d.device, dtype=dtype)
 
 
 def value_init(cfg: PPOConfig) -> tuple[ModelArgs, dict, str]:
@@ -186,8 +184,8 @@ def generate(policy, tokenizer, fmt, prompts: list[list[int]], d: Dist, dtype, c
     """This rank's rollouts for its share of `prompts`, sampled from consolidated full weights."""
     model = consolidated_policy(policy, d, dtype)
     generator = Generator(model, tokenizer)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                            stop_ids=tuple(sorted(fmt.stop_ids)), stop_strings=tuple(fmt.stop_strings))
+    params = SamplingParams.for_chat(fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=1.0, top_k=0)
     chunks = generation_chunks([len(p) for p in prompts], cfg.generation_batch_size, d)
     rollouts = sample_rollouts(generator, prompts, chunks, params, seed, iteration)
     del generator, model  # free the consolidated copy before training resumes
@@ -195,12 +193,22 @@ def generate(policy, tokenizer, fmt, prompts: list[list[int]], d: Dist, dtype, c
     return rollouts
 
 
-def score(reward: GatedReward, records: list[dict], rollouts: list[Rollout], d: Dist) -> dict[int, tuple]:
-    """Score this rank's rollouts, then share everything: {batch position: (rollout, Rh, Rs, Rc, gated)}."""
+class Scored(NamedTuple):
+    """A rollout and its rewards: Rh, Rs, Rc (probabilities) and whether Rc took the safety score."""
+
+    rollout: Rollout
+    helpfulness: float
+    safety: float
+    gated: float
+    used_safety: bool
+
+
+def score(reward: GatedReward, records: list[dict], rollouts: list[Rollout], d: Dist) -> dict[int, Scored]:
+    """Score this rank's rollouts, then share everything: {batch position: Scored}."""
     s = reward([records[r.index] for r in rollouts], [r.text for r in rollouts]) if rollouts else None
-    mine = [(r, float(s.helpfulness[j]), float(s.safety[j]), float(s.gated[j]), bool(s.used_safety[j]))
+    mine = [Scored(r, float(s.helpfulness[j]), float(s.safety[j]), float(s.gated[j]), bool(s.used_safety[j]))
             for j, r in enumerate(rollouts)]
-    return {item[0].index: item for item in gather_objects(mine, d)}
+    return {item.rollout.index: item for item in gather_objects(mine, d)}
 
 
 def minibatch_rows(batch: int, mini: int, iteration: int, seed: int, d: Dist) -> list[list[int]]:
@@ -212,7 +220,7 @@ def minibatch_rows(batch: int, mini: int, iteration: int, seed: int, d: Dist) ->
 
 
 def rollout_length(scored: dict, i: int) -> int:
-    return len(scored[i][0].prompt) + len(scored[i][0].response)
+    return len(scored[i].rollout.prompt) + len(scored[i].rollout.response)
 
 
 @torch.no_grad()
@@ -231,7 +239,7 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
     step = cfg.forward_batch_size or cfg.micro_batch_size
     for s in range(0, len(mine), step):
         part = mine[s: s + step]
-        rolls = [scored[i][0] for i in part]
+        rolls = [scored[i].rollout for i in part]
         tokens, rmask, lengths = pack_rollouts(rolls)  # the model passes: one unpadded row
         tokens, rmask = tokens.to(d.device), rmask.to(d.device)
         mask = pad_rollouts(rolls)[1].to(d.device)  # GAE: one row per rollout (same token order)
@@ -242,7 +250,7 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
             ragged, keep = Ragged(lengths, d.device), action_positions(rmask)
             ref_logits = reference(tokens, lengths=ragged, keep=keep)  # (N, V)
             values = value_model(tokens, lengths=ragged, keep=keep)[:, 0].float()  # V before each token
-        logp = torch.tensor([x for i in part for x in scored[i][0].logprobs], device=d.device)  # θ_old
+        logp = torch.tensor([x for i in part for x in scored[i].rollout.logprobs], device=d.device)  # θ_old
         ref_logp = token_logprobs(ref_logits, targets, cfg.temperature)
         del ref_logits
         rewards, kl = shaped_rewards(whitened[part].to(d.device), scatter(logp, mask), scatter(ref_logp, mask), mask,
@@ -264,7 +272,7 @@ def prepare_batches(reference, value_model, scored: dict, whitened: torch.Tensor
         batches.append([])
         for s in range(0, len(mb), cfg.micro_batch_size):
             part = mb[s: s + cfg.micro_batch_size]
-            tokens, mask, lengths = pack_rollouts([scored[i][0] for i in part])
+            tokens, mask, lengths = pack_rollouts([scored[i].rollout for i in part])
             cat = [torch.cat([per_row[i][k] for i in part]) for k in range(4)]
             batches[-1].append(PPOBatch(tokens.to(d.device), mask.to(d.device), *cat, lengths))
     kl_sum, n_tok, n_seq = all_reduce_sum(stats, d).tolist()
@@ -275,11 +283,11 @@ EVAL_STREAM = 2**31  # the "iteration" whose seeds evaluation samples with: no t
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, fmt, reward, records, prompts, d, dtype, cfg: PPOConfig) -> float:
+def held_out_reward(policy, tokenizer, fmt, reward, records, prompts, d, dtype, cfg: PPOConfig) -> float:
     """Mean Rc of one sampled answer per held-out prompt (fixed seed: evaluations are comparable)."""
     rollouts = generate(policy, tokenizer, fmt, prompts, d, dtype, cfg, EVAL_STREAM, cfg.seed)
     scored = score(reward, records, rollouts, d)
-    return sum(v[3] for v in scored.values()) / len(scored)
+    return sum(v.gated for v in scored.values()) / len(scored)
 
 
 def save_policy(policy, d: Dist, path: Path, args, tokenizer, meta: dict) -> None:
@@ -292,8 +300,6 @@ def save_policy(policy, d: Dist, path: Path, args, tokenizer, meta: dict) -> Non
 
 
 def main(cfg: PPOConfig, resume: bool = False) -> int:
-    from llama2.chat_format import ChatFormat
-
     if not cfg.policy:
         raise ConfigError("policy: the checkpoint to improve is required (the rejection-sampling model)")
     if not cfg.prompts:
@@ -327,11 +333,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
     v_args, v_state, v_source = value_init(cfg)
     value_model = place_model(build_model(v_args, v_state, v_source).train(), d, dtype, cfg.activation_checkpointing)
     del v_state
-    helpful = build_scorer(cfg.helpfulness_rm, "helpfulness", d, dtype, cfg.reward_batch_size)
-    # One reward model for both axes (a user with a single RM): load it once, score once.
-    same = cfg.safety_rm == cfg.helpfulness_rm and cfg.safety_rm != "grader"
-    safety = helpful if same else build_scorer(cfg.safety_rm, "safety", d, dtype, cfg.reward_batch_size)
-    reward = GatedReward(helpful, safety, cfg.safety_threshold)
+    reward = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm, cfg.safety_threshold, cfg.reward_batch_size,
+                               d.device, dtype, where="helpfulness_rm/safety_rm")
 
     # ---- prompts
     records, prompts, skipped = load_prompts(cfg.prompts, fmt, cfg.max_prompt_tokens, "prompts", cfg.reward_axes)
@@ -364,12 +367,12 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
 
     log = MetricsLogger(out, d, cfg.iterations, "ppo", initial=start)
     if start == 0:
-        axes = "" if set(cfg.reward_axes) == set(REWARD_AXES) else f" of reward_axes {cfg.reward_axes}"
+        axes = "" if set(cfg.reward_axes) == set(AXES) else f" of reward_axes {cfg.reward_axes}"
         log.write(f"[ppo] {len(prompts)} training prompts{axes} ({skipped} too long, skipped), {len(eval_prompts)} held out; "
                   f"{cfg.iterations} iterations of {cfg.batch_size} rollouts, mini-batches of {cfg.mini_batch_size}; "
                   f"{d.world_size} rank(s)")
         if eval_prompts:
-            best = evaluate(policy, tokenizer, fmt, reward, eval_records, eval_prompts, d, dtype, cfg)
+            best = held_out_reward(policy, tokenizer, fmt, reward, eval_records, eval_prompts, d, dtype, cfg)
             log.log(0, {"eval_reward": best}, advance=0)
             save_policy(policy, d, out / "best", args, tokenizer, {"stage": "ppo", "iteration": 0})
 
@@ -384,7 +387,8 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         # ---- 2. scoring: Rc from the gated reward models, R~c = WHITEN(LOGIT(Rc)) over the whole batch,
         #         then the no-grad passes (π_θold, π_0, V), shaped rewards and GAE for this rank's rows
         scored = score(reward, [records[i] for i in batch_idx], rollouts, d)
-        rh, rs, rc, gated = (torch.tensor([float(scored[i][k]) for i in range(cfg.batch_size)]) for k in (1, 2, 3, 4))
+        rh, rs, rc, gated = (torch.tensor([float(getattr(scored[i], k)) for i in range(cfg.batch_size)])
+                             for k in ("helpfulness", "safety", "gated", "used_safety"))
         whitened = whiten(logit(rc))
         rows = minibatch_rows(cfg.batch_size, cfg.mini_batch_size, it, cfg.seed, d)
         batches, pstats = prepare_batches(reference, value_model, scored, whitened, rows, cfg, d, dtype)
@@ -423,7 +427,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
         t3 = time.perf_counter()
 
         # ---- log, evaluate, checkpoint
-        lengths = torch.tensor([float(len(scored[i][0].response)) for i in range(cfg.batch_size)])
+        lengths = torch.tensor([float(len(scored[i].rollout.response)) for i in range(cfg.batch_size)])
         metrics = {
             "reward": rc.mean().item(),  # Rc, the gated score (probability scale)
             "reward_logit": logit(rc).mean().item(),  # before whitening (R~c itself has mean 0, std 1)
@@ -443,7 +447,7 @@ def main(cfg: PPOConfig, resume: bool = False) -> int:
                                      f"Last good checkpoint: {ckpt.latest() or 'none'}")
         stop = False
         if eval_prompts and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
-            metrics["eval_reward"] = evaluate(policy, tokenizer, fmt, reward, eval_records, eval_prompts, d, dtype, cfg)
+            metrics["eval_reward"] = held_out_reward(policy, tokenizer, fmt, reward, eval_records, eval_prompts, d, dtype, cfg)
             if metrics["eval_reward"] > best:
                 best, bad_evals = metrics["eval_reward"], 0
                 save_policy(policy, d, out / "best", args, tokenizer, {"stage": "ppo", "iteration": it + 1,
@@ -483,6 +487,4 @@ def cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # `python -m llama2.recipes.ppo ...` (also under torchrun); usually `llama2 rlhf ppo`
-    import sys
-
     sys.exit(cli(sys.argv[1:]))

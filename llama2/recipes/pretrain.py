@@ -17,14 +17,43 @@ from pathlib import Path
 
 import torch
 
-from llama2.checkpoint import save_native
+from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
-from llama2.distributed import all_reduce_mean, barrier, full_state_dict, setup, teardown
+from llama2.data import PackedLoader, TokenDataset, pretokenize
+from llama2.distributed import (
+    all_reduce_mean,
+    barrier,
+    full_state_dict,
+    setup,
+    teardown,
+)
 from llama2.losses import lm_loss
-from llama2.recipes.common import (build_fresh_model, config_dict, kill_hook, model_args, place_model, recipe_cli,
-                                   resume_latest)
-from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
-                          clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
+from llama2.recipes.common import (
+    build_fresh_model,
+    config_dict,
+    kill_hook,
+    model_args,
+    place_model,
+    recipe_cli,
+    resume_latest,
+)
+from llama2.tokenizer import load_tokenizer, train_sentencepiece
+from llama2.train import (
+    Checkpointer,
+    LossScaler,
+    MetricsLogger,
+    OptimConfig,
+    Throughput,
+    autocast,
+    build_optimizer,
+    clip_grad_norm,
+    lr_at,
+    peak_flops,
+    resolve_dtype,
+    seed_everything,
+    set_lr,
+)
+from llama2.world.generate import generate_world
 
 
 @dataclass
@@ -67,8 +96,6 @@ class PretrainConfig:
 
 def prepare_data(cfg: PretrainConfig, d, vocab_size: int) -> tuple[Path, Path]:
     """(tokenizer path, token dataset dir); rank 0 builds what is missing, the others wait."""
-    from llama2.data import pretokenize
-
     out = Path(cfg.out_dir)
     dc = cfg.data
     tok = Path(dc.tokenizer) if dc.tokenizer else out / "tokenizer"
@@ -80,7 +107,6 @@ def prepare_data(cfg: PretrainConfig, d, vocab_size: int) -> tuple[Path, Path]:
         if not tok.exists():
             if not dc.train_tokenizer or dc.dataset:
                 raise ConfigError(f"data.tokenizer: {tok} does not exist (train one with `llama2 tokenizer train`)")
-            from llama2.tokenizer import train_sentencepiece
 
             print(f"[pretrain] training a {vocab_size}-token SentencePiece tokenizer -> {tok}", flush=True)
             train_sentencepiece(inputs, tok, vocab_size=vocab_size)
@@ -96,13 +122,11 @@ def builtin_corpus(world_dir: Path, seed: int, size: str) -> Path:
     """The built-in world's pretraining corpus, generated on first use."""
     corpus = world_dir / "corpus" / "pretrain.jsonl"
     if not corpus.is_file():
-        from llama2.world.generate import generate_world
-
         generate_world(world_dir, seed=seed, size=size)
     return corpus
 
 
-def evaluate(model, loader_factory, batches: int, d, dtype) -> float:
+def validation_loss(model, loader_factory, batches: int, d, dtype) -> float:
     """Mean next-token loss over the first `batches` validation batches."""
     model.eval()
     total, count = 0.0, 0
@@ -120,9 +144,6 @@ def evaluate(model, loader_factory, batches: int, d, dtype) -> float:
 
 
 def main(cfg: PretrainConfig, resume: bool = False) -> int:
-    from llama2.data import PackedLoader, TokenDataset
-    from llama2.tokenizer import load_tokenizer
-
     d = setup(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
@@ -154,8 +175,6 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
 
     # ---- model and optimizer
     if cfg.init_from:
-        from llama2.checkpoint import read_checkpoint, build_model
-
         ck = read_checkpoint(cfg.init_from)
         args = ck.args  # the checkpoint decides the architecture
         model = build_model(args, ck.state, ck.source).train()
@@ -210,7 +229,7 @@ def main(cfg: PretrainConfig, resume: bool = False) -> int:
             tps, mfu = speed.read()
             metrics.update(tokens_per_s=tps, mfu=mfu)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
-            metrics["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, d, dtype)
+            metrics["val_loss"] = validation_loss(model, val_loader, cfg.eval_batches, d, dtype)
         log.log(step + 1, metrics, show=("loss", "val_loss", "lr", "tokens_per_s", "mfu"))
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total_steps):
             ckpt.save(step + 1, model, optimizer, {"loader": loader.state_dict(), "scaler": scaler.state_dict(),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -43,13 +44,31 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from llama2 import progress_bars
+from llama2.chat import load_for_inference
+from llama2.chat_format import SPECIAL_TAGS, ChatFormat
+from llama2.checkpoint import detect_format
 from llama2.config import ConfigError, load_config, save_config
-from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
-from llama2.recipes.sft import SFTConfig
-from llama2.rlhf_reward import REWARD_AXES, check_reward_axes
-from llama2.world.formats import SPECIAL_TAGS
+from llama2.dialog_data import DialogLoader, tokenize_dialogs
+from llama2.formats import AXES, read_records
+from llama2.gated_reward import check_reward_axes, load_gated_reward
+from llama2.recipes.best_of_n import (
+    best_of_n,
+    load_prompt_records,
+    plot_best_of_n,
+    write_result,
+)
+from llama2.recipes.common import (
+    check_resume_compatible,
+    config_dict,
+    kill_hook,
+    recipe_cli,
+)
+from llama2.recipes.sft import SFTConfig, load_dialogs
+from llama2.recipes.sft import main as sft_main
+from llama2.sampling import DialogSampler
 
 
 def rs_sft() -> SFTConfig:
@@ -93,7 +112,7 @@ class RejectionSamplingConfig:
     # chance on the policy's own answers (its accuracy on the latest batch's held-out pairs,
     # printed by the pipeline): its picks are random samples, and the gate alone would only ever
     # pick the answers the safety RM likes best there — refusals of prompts that deserve answers.
-    reward_axes: list[str] = field(default_factory=lambda: list(REWARD_AXES))
+    reward_axes: list[str] = field(default_factory=lambda: list(AXES))
     # Replay (not in the paper's rejection sampling; its SFT and safety data held such examples):
     # `replay_examples` dialogs drawn (seeded, per iteration) from the SFT files in `replay`, only
     # those whose `task` is in `replay_tasks` if given, join each iteration's fine-tuning set. With
@@ -195,10 +214,6 @@ def clear_preferences(pool: list[dict], min_gap: float | None) -> list[dict]:
 def replay_dialogs(files: list[str], n: int, tasks: list[str], seed: int) -> list[dict]:
     """`n` SFT dialog records drawn from `files` (those whose `task` is in `tasks`, if given),
     seeded; all of them if fewer. Validated like any SFT file (a bad record names file and line)."""
-    import random
-
-    from llama2.world.formats import read_records
-
     if n <= 0:
         return []
     pool = [r for p in files for r in read_records(p, "sft") if not tasks or r.get("task") in tasks]
@@ -227,10 +242,6 @@ def fitting_batch(sft: SFTConfig, tokenizer, max_seq_len: int, iteration: int) -
     """`sft` with batch_size and micro_batch_size lowered to the packed rows the selected answers
     fill, when that is less than one batch (a short selection, e.g. under min_gap): the SFT recipe
     refuses data that cannot fill one batch."""
-    from llama2.chat_format import ChatFormat
-    from llama2.dialog_data import DialogLoader, tokenize_dialogs
-    from llama2.recipes.sft import load_dialogs
-
     T = min(sft.seq_len, max_seq_len)
     examples = tokenize_dialogs(load_dialogs(sft.train_data), ChatFormat(tokenizer, sft.chat_format), T,
                                 sft.last_turn_only, "selected answers: ")
@@ -245,7 +256,7 @@ def fitting_batch(sft: SFTConfig, tokenizer, max_seq_len: int, iteration: int) -
 
 
 def sft_record(entry: dict) -> dict:
-    """A selected answer as an SFT dialog record (llama2/world/formats.py, kind `sft`)."""
+    """A selected answer as an SFT dialog record (llama2/formats.py, kind `sft`)."""
     return {"id": f"rs-{entry['prompt_id']}", "split": "train", "source": "rejection_sampling",
             "task": entry.get("task"),
             "messages": entry["messages"] + [{"role": "assistant", "content": entry["response"]}],
@@ -325,16 +336,153 @@ RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "s
                "reward_axes", "replay", "replay_examples", "replay_tasks", "init_from", "retune_temperature", "chunk_prompts", "sft.chat_format", "seed"]
 
 
+@dataclass
+class Selection:
+    """What one iteration keeps (steps 3-4): every prompt's best answer, those clearing min_gap, the
+    fine-tuning set, and the replayed SFT dialogs that join it."""
+
+    candidates: list[dict]
+    best: list[dict]
+    selected: list[dict]
+    replayed: list[dict]
+
+
+def tune_temperature(cfg: RejectionSamplingConfig, sampler: DialogSampler, reward, policy: str, it_dir: Path,
+                     it: int) -> tuple[float, float]:
+    """Step 1: this iteration's temperature (Figure 8) and the seconds its best-of-N sweep took;
+    a sweep already written is read back."""
+    tune_dir = it_dir / "best_of_n"
+    if (tune_dir / "best_of_n.json").is_file():
+        tuned = json.loads((tune_dir / "best_of_n.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        # the sweep's prompts are a subset of the training prompts, seeded per iteration
+        sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, cfg.seed + it, "prompts",
+                                    cfg.reward_axes)
+        tuned = best_of_n(sampler, reward, sweep, cfg.tune_n, cfg.temperatures, top_p=cfg.top_p,
+                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + it, k=cfg.k, log=say)
+        tuned["policy"] = policy
+        tuned["seconds_total"] = time.perf_counter() - t0
+        write_result(tuned, tune_dir)
+        plot_best_of_n(tuned, tune_dir)
+    say(f"iteration {it}: best-of-{cfg.tune_n} sweep chose T={tuned['chosen']:g} for K={cfg.k}")
+    return tuned["chosen"], tuned.get("seconds_total", 0.0)
+
+
+def sample_chunks(cfg: RejectionSamplingConfig, sampler: DialogSampler, reward, chunks: list[list[dict]],
+                  temperature: float, sample_dir: Path, it: int, meta: dict) -> None:
+    """Step 2: K answers per prompt, scored with Rc, one atomically written chunk at a time; the
+    chunks a killed run wrote are kept (and must have been drawn with the same `meta`)."""
+    if (sample_dir / "meta.json").is_file():
+        was = json.loads((sample_dir / "meta.json").read_text())
+        if was != meta:
+            raise ConfigError(f"{sample_dir / 'meta.json'}: samples were drawn with {was}, now {meta}; "
+                              f"remove {sample_dir} to resample")
+    else:
+        write_atomic(sample_dir / "meta.json", json.dumps(meta) + "\n")
+    done = [c for c in range(len(chunks)) if (sample_dir / f"chunk-{c:05d}.json").is_file()]
+    if len(done) == len(chunks):
+        say(f"iteration {it}: all {len(chunks)} chunks already sampled")
+    elif done:
+        say(f"iteration {it}: {len(done)} of {len(chunks)} chunks already sampled; sampling the rest")
+    bar = tqdm(total=len(chunks), initial=len(done), desc=f"[rs] iter {it} sampling", unit="chunk",
+               file=sys.stderr, disable=not progress_bars())
+    for c, chunk in enumerate(chunks):
+        path = sample_dir / f"chunk-{c:05d}.json"
+        if path.is_file():
+            continue
+        t0 = time.perf_counter()
+        # one seed per (run seed, iteration, chunk): a resumed chunk draws what it would have drawn
+        outs = sampler.sample([r["messages"] for r in chunk], cfg.k, temperature, cfg.top_p, cfg.max_new_tokens,
+                              seed=(cfg.seed * 1000 + it) * 100_000 + c)
+        t1 = time.perf_counter()
+        rows = score_samples(reward, chunk, [[o.text for o in per_prompt] for per_prompt in outs])
+        for row, per_prompt in zip(rows, outs):
+            for s, o in zip(row["samples"], per_prompt):
+                s["tokens"], s["finish"] = len(o.tokens), o.finish_reason
+        t2 = time.perf_counter()
+        write_atomic(path, json.dumps({"chunk": c, "seconds": {"sampling": t1 - t0, "scoring": t2 - t1},
+                                       "rows": rows}, ensure_ascii=False) + "\n")
+        bar.update(1)
+        kill_hook(c + 1, "LLAMA2_KILL_AT_SAMPLE_CHUNK")
+    bar.close()
+
+
+def select_answers(cfg: RejectionSamplingConfig, records: list[dict], rows: list[dict], earlier: list[list[dict]],
+                   out: Path, it: int, forbidden, policy: str) -> Selection:
+    """Steps 3-4: every prompt's best (complete) answer joins the pool (RUN/pool/iter-k.jsonl), then
+    the fine-tuning set is the best of all iterations (`all`) or of this one (`last`)."""
+    candidates = best_per_prompt(records, rows, it, forbidden, cfg.drop_truncated)
+    best = clear_preferences(candidates, cfg.min_gap)
+    write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
+    pools = earlier + [read_jsonl(out / "pool" / f"iter-{j}.jsonl") for j in range(1, it + 1)]
+    selected = select_pool(pools, cfg.pool)
+    if cfg.min_reward is not None:
+        selected = [e for e in selected if e["reward"] >= cfg.min_reward]
+    filtered = cfg.min_reward is not None or cfg.min_gap is not None
+    if not selected and not (filtered and candidates and Path(policy).is_dir()):
+        cut = sum(s["finish"] == "length" for row in rows for s in row["samples"])
+        raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, cut off at max_new_tokens="
+                         f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
+                         f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
+                         f"min_gap={cfg.min_gap} of their prompt's median); see {out / f'iter-{it}' / 'samples'}")
+    replayed = replay_dialogs(cfg.replay, cfg.replay_examples, cfg.replay_tasks, cfg.seed * 1000 + it)
+    return Selection(candidates, best, selected, replayed)
+
+
+def fine_tune(cfg: RejectionSamplingConfig, chosen: Selection, start: str, policy: str, it_dir: Path, tokenizer,
+              max_seq_len: int, it: int) -> Path:
+    """Step 5: fine-tune `start` like SFT (assistant-only loss) on RUN/iter-k/selected.jsonl,
+    resuming a killed fine-tuning; returns RUN/iter-k/sft/final."""
+    final = it_dir / "sft" / "final"
+    write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in chosen.selected] + chosen.replayed)
+    if not chosen.selected and not final.is_dir():
+        # Nothing cleared min_gap / min_reward: no clear preference to learn, the policy stays.
+        say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward}; "
+            f"nothing to fine-tune on, {policy} is kept")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.symlink_to(Path(policy).resolve(), target_is_directory=True)
+    if not final.is_dir():  # written atomically at the very end of the SFT recipe
+        sft_cfg = fitting_batch(replace(cfg.sft, model=start, train_data=[str(it_dir / "selected.jsonl")],
+                                        out_dir=str(it_dir / "sft")), tokenizer, max_seq_len, it)
+        sft_resume = any((it_dir / "sft" / "checkpoints").glob("step-*/train_state.json"))
+        say(f"iteration {it}: fine-tuning {start} on {len(chosen.selected)} answers"
+            + (f" and {len(chosen.replayed)} replayed SFT dialogs" if chosen.replayed else "")
+            + (" (resuming)" if sft_resume else ""))
+        sft_main(sft_cfg, resume=sft_resume)
+    detect_format(final)  # the fine-tuned model is a loadable checkpoint
+    return final
+
+
+def iteration_stats(cfg: RejectionSamplingConfig, it: int, policy: str, start: str, final: Path, temperature: float,
+                    n_prompts: int, rows: list[dict], chosen: Selection, forbidden, seconds: dict) -> dict:
+    """What the samples scored, what was kept, where the time went (RUN/iter-k/stats.json)."""
+    samples = [s for row in rows for s in row["samples"]]
+    rewards = [s["reward"] for s in samples]
+    tokens = sum(s["tokens"] for s in samples)
+    candidates, selected = chosen.candidates, chosen.selected
+    return {
+        "iteration": it, "policy": policy, "fine_tuned_from": start, "checkpoint": str(final),
+        "temperature": temperature, "k": cfg.k, "prompts": n_prompts, "pool_mode": cfg.pool,
+        "samples": {**summary(rewards), "used_safety": statistics.fmean(s["used_safety"] for s in samples),
+                    "mean_tokens": tokens / len(samples),
+                    "truncated": statistics.fmean(s["finish"] == "length" for s in samples),
+                    "unusable": statistics.fmean(not usable(s["text"], forbidden) for s in samples)},
+        "best_of_k": {**summary([e["reward"] for e in candidates]),
+                      "used_safety": statistics.fmean(e["used_safety"] for e in candidates) if candidates else 0.0,
+                      "cleared_min_gap": len(chosen.best)},
+        "selected": {**summary([e["reward"] for e in selected]),
+                     "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
+                     "from_this_iteration": statistics.fmean(
+                         e["iteration"] == it and not e.get("rescored") for e in selected) if selected else 0.0},
+        "replayed": len(chosen.replayed),
+        "sft_final_loss": _last_loss(final.parent / "metrics.jsonl"),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "sampling_tokens_per_s": tokens / seconds["sampling"] if seconds["sampling"] else None,
+    }
+
+
 def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
-    from tqdm import tqdm
-
-    from llama2.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
-    from llama2.chat import load_for_inference
-    from llama2.checkpoint import detect_format
-    from llama2.recipes.sft import main as sft_main
-    from llama2.rlhf_reward import load_gated_reward
-    from llama2.sampling import DialogSampler
-
     check_config(cfg)
     out = Path(cfg.out_dir)
     if resume:
@@ -358,10 +506,9 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     policy = cfg.policy
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iter-{it}"
-        final = it_dir / "sft" / "final"
-        if (it_dir / "stats.json").is_file() and final.is_dir():
-            say(f"iteration {it}: already done ({final})")
-            policy = str(final)
+        if (it_dir / "stats.json").is_file() and (it_dir / "sft" / "final").is_dir():
+            say(f"iteration {it}: already done ({it_dir / 'sft' / 'final'})")
+            policy = str(it_dir / "sft" / "final")
             continue
         seconds = {"tuning": 0.0, "sampling": 0.0, "scoring": 0.0, "fine_tuning": 0.0}
         model, tok = load_for_inference(policy, cfg.device)
@@ -370,138 +517,36 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
         # ---- 1. temperature for this iteration: fixed, or re-tuned by best-of-N (Figure 8)
         temperature = cfg.temperature
         if cfg.retune_temperature:
-            tune_dir = it_dir / "best_of_n"
-            if (tune_dir / "best_of_n.json").is_file():
-                tuned = json.loads((tune_dir / "best_of_n.json").read_text())
-            else:
-                t0 = time.perf_counter()
-                # the sweep's prompts are a subset of the training prompts, seeded per iteration
-                sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, cfg.seed + it, "prompts",
-                                            cfg.reward_axes)
-                tuned = best_of_n(sampler, reward, sweep, cfg.tune_n, cfg.temperatures, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + it, k=cfg.k, log=say)
-                tuned["policy"] = policy
-                seconds["tuning"] = time.perf_counter() - t0
-                tuned["seconds_total"] = seconds["tuning"]
-                write_result(tuned, tune_dir)
-                plot_best_of_n(tuned, tune_dir)
-            temperature = tuned["chosen"]
-            seconds["tuning"] = tuned.get("seconds_total", seconds["tuning"])
-            say(f"iteration {it}: best-of-{cfg.tune_n} sweep chose T={temperature:g} for K={cfg.k}")
+            temperature, seconds["tuning"] = tune_temperature(cfg, sampler, reward, policy, it_dir, it)
 
-        # ---- 2. sample K answers per prompt and score them, one atomically written chunk at a time
+        # ---- 2. sample K answers per prompt and score them
         sample_dir = it_dir / "samples"
-        meta = {"temperature": temperature, "k": cfg.k, "prompts": len(records), "chunks": len(chunks),
-                "policy": policy}
-        if (sample_dir / "meta.json").is_file():
-            was = json.loads((sample_dir / "meta.json").read_text())
-            if was != meta:
-                raise ConfigError(f"{sample_dir / 'meta.json'}: samples were drawn with {was}, now {meta}; "
-                                  f"remove {sample_dir} to resample")
-        else:
-            write_atomic(sample_dir / "meta.json", json.dumps(meta) + "\n")
-        done = [c for c in range(len(chunks)) if (sample_dir / f"chunk-{c:05d}.json").is_file()]
-        if len(done) == len(chunks):
-            say(f"iteration {it}: all {len(chunks)} chunks already sampled")
-        elif done:
-            say(f"iteration {it}: {len(done)} of {len(chunks)} chunks already sampled; sampling the rest")
-        bar = tqdm(total=len(chunks), initial=len(done), desc=f"[rs] iter {it} sampling", unit="chunk",
-                   file=sys.stderr, disable=not progress_bars())
-        for c, chunk in enumerate(chunks):
-            path = sample_dir / f"chunk-{c:05d}.json"
-            if path.is_file():
-                continue
-            t0 = time.perf_counter()
-            # one seed per (run seed, iteration, chunk): a resumed chunk draws what it would have drawn
-            outs = sampler.sample([r["messages"] for r in chunk], cfg.k, temperature, cfg.top_p, cfg.max_new_tokens,
-                                  seed=(cfg.seed * 1000 + it) * 100_000 + c)
-            t1 = time.perf_counter()
-            rows = score_samples(reward, chunk, [[o.text for o in per_prompt] for per_prompt in outs])
-            for row, per_prompt in zip(rows, outs):
-                for s, o in zip(row["samples"], per_prompt):
-                    s["tokens"], s["finish"] = len(o.tokens), o.finish_reason
-            t2 = time.perf_counter()
-            write_atomic(path, json.dumps({"chunk": c, "seconds": {"sampling": t1 - t0, "scoring": t2 - t1},
-                                           "rows": rows}, ensure_ascii=False) + "\n")
-            bar.update(1)
-            kill_hook(c + 1, "LLAMA2_KILL_AT_SAMPLE_CHUNK")
-        bar.close()
+        sample_chunks(cfg, sampler, reward, chunks, temperature, sample_dir, it,
+                      {"temperature": temperature, "k": cfg.k, "prompts": len(records), "chunks": len(chunks),
+                       "policy": policy})
         forbidden, max_seq_len = sampler.format.forbidden, model.args.max_seq_len
         del sampler, model  # free the sampling copy before fine-tuning
-
-        # ---- 3. the best answer per prompt joins the pool
         parts = [json.loads((sample_dir / f"chunk-{c:05d}.json").read_text()) for c in range(len(chunks))]
         rows = [row for part in parts for row in part["rows"]]
         for part in parts:
             seconds["sampling"] += part["seconds"]["sampling"]
             seconds["scoring"] += part["seconds"]["scoring"]
-        # every prompt's best (complete) answer: the best-of-K stats
-        candidates = best_per_prompt(records, rows, it, forbidden, cfg.drop_truncated)
-        best = clear_preferences(candidates, cfg.min_gap)
-        write_jsonl_atomic(out / "pool" / f"iter-{it}.jsonl", best)
 
-        # ---- 4. the fine-tuning set: best of all iterations (`all`) or of this one (`last`)
-        pools = earlier + [read_jsonl(out / "pool" / f"iter-{j}.jsonl") for j in range(1, it + 1)]
-        selected = select_pool(pools, cfg.pool)
-        if cfg.min_reward is not None:
-            selected = [e for e in selected if e["reward"] >= cfg.min_reward]
-        filtered = cfg.min_reward is not None or cfg.min_gap is not None
-        if not selected and not (filtered and candidates and Path(policy).is_dir()):
-            cut = sum(s["finish"] == "length" for row in rows for s in row["samples"])
-            raise ValueError(f"iteration {it}: no answer to fine-tune on (all empty, cut off at max_new_tokens="
-                             f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
-                             f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
-                             f"min_gap={cfg.min_gap} of their prompt's median); see {sample_dir}")
-        replayed = replay_dialogs(cfg.replay, cfg.replay_examples, cfg.replay_tasks, cfg.seed * 1000 + it)
-        write_jsonl_atomic(it_dir / "selected.jsonl", [sft_record(e) for e in selected] + replayed)
+        # ---- 3-4. the best answer per prompt joins the pool; the fine-tuning set is chosen from the pools
+        chosen = select_answers(cfg, records, rows, earlier, out, it, forbidden, policy)
 
-        # ---- 5. fine-tune like SFT (assistant-only loss), resuming a killed fine-tuning
+        # ---- 5. fine-tune like SFT
         t0 = time.perf_counter()
         start = cfg.policy if cfg.init_from == "initial" else policy
-        if not selected and not final.is_dir():
-            # Nothing cleared min_gap / min_reward: no clear preference to learn, the policy stays.
-            say(f"iteration {it}: no answer cleared min_gap={cfg.min_gap} / min_reward={cfg.min_reward}; "
-                f"nothing to fine-tune on, {policy} is kept")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            final.symlink_to(Path(policy).resolve(), target_is_directory=True)
-        if not final.is_dir():  # written atomically at the very end of the SFT recipe
-            sft_cfg = fitting_batch(replace(cfg.sft, model=start, train_data=[str(it_dir / "selected.jsonl")],
-                                            out_dir=str(it_dir / "sft")), tok, max_seq_len, it)
-            sft_resume = any((it_dir / "sft" / "checkpoints").glob("step-*/train_state.json"))
-            say(f"iteration {it}: fine-tuning {start} on {len(selected)} answers"
-                + (f" and {len(replayed)} replayed SFT dialogs" if replayed else "")
-                + (" (resuming)" if sft_resume else ""))
-            sft_main(sft_cfg, resume=sft_resume)
+        final = fine_tune(cfg, chosen, start, policy, it_dir, tok, max_seq_len, it)
         seconds["fine_tuning"] = time.perf_counter() - t0
-        detect_format(final)  # the fine-tuned model is a loadable checkpoint
 
-        # ---- stats: what the samples scored, what was kept, where the time went
-        samples = [s for row in rows for s in row["samples"]]
-        rewards = [s["reward"] for s in samples]
-        tokens = sum(s["tokens"] for s in samples)
-        stats = {
-            "iteration": it, "policy": policy, "fine_tuned_from": start, "checkpoint": str(final),
-            "temperature": temperature, "k": cfg.k, "prompts": len(records), "pool_mode": cfg.pool,
-            "samples": {**summary(rewards), "used_safety": statistics.fmean(s["used_safety"] for s in samples),
-                        "mean_tokens": tokens / len(samples),
-                        "truncated": statistics.fmean(s["finish"] == "length" for s in samples),
-                        "unusable": statistics.fmean(not usable(s["text"], forbidden) for s in samples)},
-            "best_of_k": {**summary([e["reward"] for e in candidates]),
-                          "used_safety": statistics.fmean(e["used_safety"] for e in candidates) if candidates else 0.0,
-                          "cleared_min_gap": len(best)},
-            "selected": {**summary([e["reward"] for e in selected]),
-                         "used_safety": statistics.fmean(e["used_safety"] for e in selected) if selected else 0.0,
-                         "from_this_iteration": statistics.fmean(
-                             e["iteration"] == it and not e.get("rescored") for e in selected) if selected else 0.0},
-            "replayed": len(replayed),
-            "sft_final_loss": _last_loss(it_dir / "sft" / "metrics.jsonl"),
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "sampling_tokens_per_s": tokens / seconds["sampling"] if seconds["sampling"] else None,
-        }
+        stats = iteration_stats(cfg, it, policy, start, final, temperature, len(records), rows, chosen, forbidden,
+                                seconds)
         write_atomic(it_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
         say(f"iteration {it}: samples mean Rc {stats['samples']['mean']:.3f}, best-of-{cfg.k} mean "
-            f"{stats['best_of_k']['mean']:.3f}, selected {len(selected)} (mean {stats['selected'].get('mean', 0):.3f}) "
-            f"({stats['selected']['used_safety']:.0%} gated by safety); "
+            f"{stats['best_of_k']['mean']:.3f}, selected {len(chosen.selected)} "
+            f"(mean {stats['selected'].get('mean', 0):.3f}) ({stats['selected']['used_safety']:.0%} gated by safety); "
             + ", ".join(f"{k} {v:.0f}s" for k, v in stats["seconds"].items()))
         policy = str(final)
 

@@ -21,18 +21,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from llama2.chat_format import ChatFormat, ChatFormatError
 from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
-from llama2.distributed import Dist, all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
-from llama2.losses import MARGINS, RATINGS, ranking_loss
-from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.reward import (OBJECTIVES, PairData, PairLoader, accuracy_report, mix_pairs, pair_scores,
-                           read_pairs, reward_state, tokenize_pairs)
-from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
-                          clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
+from llama2.distributed import (
+    Dist,
+    all_reduce_mean,
+    all_reduce_sum,
+    full_state_dict,
+    setup,
+    teardown,
+)
+from llama2.formats import AXES, RATINGS, DataError, iter_rows
+from llama2.losses import MARGINS, ranking_loss
+from llama2.preference_data import (
+    PairData,
+    PairLoader,
+    accuracy_report,
+    mix_pairs,
+    read_pairs,
+    tokenize_pairs,
+)
+from llama2.recipes.common import (
+    config_dict,
+    kill_hook,
+    place_model,
+    recipe_cli,
+    resume_latest,
+)
+from llama2.reward_scoring import RewardScorer, pair_scores, reward_state
+from llama2.train import (
+    Checkpointer,
+    LossScaler,
+    MetricsLogger,
+    OptimConfig,
+    Throughput,
+    autocast,
+    build_optimizer,
+    clip_grad_norm,
+    lr_at,
+    peak_flops,
+    resolve_dtype,
+    seed_everything,
+    set_lr,
+)
 
 
 def rm_optim() -> OptimConfig:
@@ -122,10 +159,7 @@ def accuracy_table(report: dict) -> str:
 
 def plot_report(report: dict, path: Path, title: str) -> None:
     """Grouped bars of accuracy: per rating level (Table 8) and per task family, one bar per test set."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sets = list(report["test_sets"].items())
     tasks = sorted({t for _, ts in sets for t in ts["by_task"]})
@@ -171,14 +205,12 @@ def _mix_line(summary: dict) -> str:
 
 
 def main(cfg: RewardConfig, resume: bool = False) -> int:
-    from llama2.chat_format import ChatFormat
-
     if not cfg.model:
         raise ConfigError("model: the chat checkpoint to start from is required (e.g. model=runs/sft/final)")
     if not cfg.train_data:
         raise ConfigError("train_data: at least one preference file is required")
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.objective not in AXES:
+        raise ConfigError(f"objective: expected one of {', '.join(AXES)}, got {cfg.objective!r}")
     if cfg.margin not in MARGINS:
         raise ConfigError(f"margin: expected one of {', '.join(MARGINS)}, got {cfg.margin!r}")
     d = setup(cfg.device)
@@ -294,7 +326,6 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
 
 def eval_cli(argv: list[str]) -> int:
     """`llama2 reward eval --model RM --data FILE... [--split test] [--out DIR]`."""
-    from llama2.reward import RewardScorer
 
     p = argparse.ArgumentParser(prog="llama2 reward eval",
                                 description="Accuracy of a reward model on preference pairs, per test set (file and "
@@ -328,8 +359,6 @@ def eval_cli(argv: list[str]) -> int:
 def score_records(path: str) -> list[tuple[list, str, str, int]]:
     """(dialog ending with a user turn, response, id, line) of each record of a file: either
     {"messages", "response"} or {"messages"} ending with the assistant answer to score."""
-    from llama2.world.formats import DataError, iter_rows
-
     out = []
     for line, obj in iter_rows(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
@@ -354,10 +383,6 @@ def score_records(path: str) -> list[tuple[list, str, str, int]]:
 
 def score_cli(argv: list[str]) -> int:
     """`llama2 reward score --model RM --data FILE [--out FILE.jsonl]`."""
-    from llama2.chat_format import ChatFormatError
-    from llama2.reward import RewardScorer
-    from llama2.world.formats import DataError
-
     p = argparse.ArgumentParser(prog="llama2 reward score",
                                 description="Score responses with a reward model: r(x, y) and sigmoid(r). Each record "
                                             "is {messages, response} or {messages} ending with the assistant answer.")

@@ -17,13 +17,42 @@ from pathlib import Path
 
 import torch
 
-from llama2.checkpoint import read_checkpoint, build_model, save_native
+from llama2.chat_format import ChatFormat
+from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
-from llama2.distributed import all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
+from llama2.data import PackedLoader, TokenDataset
+from llama2.dialog_data import DialogLoader, tokenize_dialogs
+from llama2.distributed import (
+    all_reduce_mean,
+    all_reduce_sum,
+    full_state_dict,
+    setup,
+    teardown,
+)
+from llama2.formats import read_records
 from llama2.losses import IGNORE, lm_loss
-from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
-                          clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
+from llama2.recipes.common import (
+    config_dict,
+    kill_hook,
+    place_model,
+    recipe_cli,
+    resume_latest,
+)
+from llama2.train import (
+    Checkpointer,
+    LossScaler,
+    MetricsLogger,
+    OptimConfig,
+    Throughput,
+    autocast,
+    build_optimizer,
+    clip_grad_norm,
+    lr_at,
+    peak_flops,
+    resolve_dtype,
+    seed_everything,
+    set_lr,
+)
 
 
 def sft_optim() -> OptimConfig:
@@ -59,8 +88,6 @@ class SFTConfig:
 
 
 def load_dialogs(paths: list[str], split: str | None = None) -> list[dict]:
-    from llama2.world.formats import read_records
-
     records = []
     for p in paths:
         records += [r for r in read_records(p, "sft") if split is None or r.get("split", split) == split]
@@ -82,7 +109,7 @@ def answer_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     return model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"], keep=keep)
 
 
-def evaluate(model, loader, d, dtype) -> float:
+def answer_loss(model, loader, d, dtype) -> float:
     """Mean loss per answer token over the whole eval set."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -100,9 +127,6 @@ def evaluate(model, loader, d, dtype) -> float:
 
 
 def main(cfg: SFTConfig, resume: bool = False) -> int:
-    from llama2.chat_format import ChatFormat
-    from llama2.dialog_data import DialogLoader, tokenize_dialogs
-
     if not cfg.model:
         raise ConfigError("model: the checkpoint to fine-tune is required (e.g. model=runs/pretrain/final)")
     if not cfg.train_data:
@@ -144,8 +168,6 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
 
     pretrain = None
     if cfg.pretrain_mix > 0:
-        from llama2.data import PackedLoader, TokenDataset
-
         if not cfg.pretrain_data:
             raise ConfigError("pretrain_mix > 0 needs pretrain_data (a pretokenized dataset directory)")
         pretrain = PackedLoader(TokenDataset.open(cfg.pretrain_data, tokenizer=tokenizer), T, cfg.micro_batch_size,
@@ -215,7 +237,7 @@ def main(cfg: SFTConfig, resume: bool = False) -> int:
         if (step + 1) % cfg.log_every == 0 or step == start:
             metrics["tokens_per_s"], metrics["mfu"] = speed.read()
         if eval_examples is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
-            metrics["val_loss"] = evaluate(model, eval_loader(), d, dtype)
+            metrics["val_loss"] = answer_loss(model, eval_loader(), d, dtype)
         log.log(step + 1, metrics, show=("loss", "val_loss", "lr", "tokens_per_s"))
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total_steps):
             extra = {"loader": loader.state_dict(), "scaler": scaler.state_dict(), "config": config_dict(cfg)}

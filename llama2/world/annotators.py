@@ -17,21 +17,16 @@ Likert raters: three per answer, noisy around the grader's rating, majority vote
 """
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+from llama2.formats import AXES, RATINGS
 from llama2.world import safety  # noqa: F401  (registers the adversarial and borderline graders)
 from llama2.world.agreement import gwet
 from llama2.world.grading import grade_helpfulness
 from llama2.world.safety_grading import grade_safety
-
-RATINGS = ("significantly better", "better", "slightly better", "negligibly better/unsure")
-SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
-AXES = ("helpfulness", "safety")
 
 # (records, variant, temperature) -> one response per record
 SampleFn = Callable[[list, str, float], list]
@@ -289,53 +284,3 @@ def violation_report(records: Sequence[dict], responses: Sequence[str], rng: ran
         "mean_rating": sum(v.majority for v in votes) / len(votes),
         "percent_agreement": ac1.pa, "ac1": ac1.coefficient, "ac2_ordinal": ac2.coefficient,
     }
-
-
-# -- `llama2 annotate --simulate` ---------------------------------------------------------------
-
-def annotate_cli(argv: list[str]) -> int:
-    """`llama2 annotate --simulate --policy A [--policy B] --prompts FILE --out FILE`: one weekly
-    batch of simulated preferences, sampled from the policies at the given temperatures."""
-    ap = argparse.ArgumentParser(prog="llama2 annotate", description=annotate_cli.__doc__)
-    ap.add_argument("--simulate", action="store_true", help="annotate with the world's simulated annotators")
-    ap.add_argument("--policy", action="append", required=True, metavar="MODEL",
-                    help="a model variant to sample from (repeat for two variants)")
-    ap.add_argument("--prompts", required=True, help="prompt records (JSONL or Parquet)")
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0],
-                    help="sampling temperatures; each prompt's two answers come from two (policy, temperature) arms")
-    ap.add_argument("--out", required=True, help="where to write the preference pairs (JSONL)")
-    ap.add_argument("--batch", type=int, default=0, help="the weekly batch number written on every pair")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--axis", choices=("auto",) + AXES, default="auto",
-                    help="auto: safety for is_safety prompts, helpfulness otherwise")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--noise", type=float, default=AnnotatorConfig.noise, help="annotators' perception noise")
-    ap.add_argument("--lapse", type=float, default=AnnotatorConfig.lapse, help="annotators' slip rate")
-    args = ap.parse_args(argv)
-    if not args.simulate:
-        ap.error("only --simulate is available: human annotation happens outside this tool")
-    if args.batch < 0:
-        ap.error("--batch must be >= 0")
-
-    from llama2.sampling import sample_responses  # the model stack, only when sampling for real
-    from llama2.world.formats import read_records, write_jsonl
-
-    records = read_records(args.prompts, "prompts")
-    held_out = sum(r["split"] == "eval" for r in records)
-    if held_out:  # the eval split is never used for training: say so rather than fail the batch
-        print(f"{args.prompts}: skipping {held_out} eval-split prompts", file=sys.stderr)
-        records = [r for r in records if r["split"] != "eval"]
-
-    def sample_fn(batch_records, model_path, temperature):
-        return sample_responses(model_path, batch_records, temperature, args.seed, args.max_new_tokens)
-
-    config = AnnotatorConfig(noise=args.noise, lapse=args.lapse)
-    pairs, stats = annotate_batch(records, sample_fn, variants=args.policy, temperatures=args.temperatures,
-                                  batch=args.batch, seed=args.seed, axis=args.axis, config=config)
-    write_jsonl(args.out, pairs)
-    s = stats.summary()
-    print(f"{args.out}: {s['pairs']} pairs from {s['prompts']} prompts "
-          f"({s['ties_skipped']} identical and {s['empty_skipped']} empty answers skipped, {s['dropped_unsafe_chosen']} unsafe-chosen dropped)",
-          file=sys.stderr)
-    print(f"ratings {s['ratings']}; safety labels {s['safety_labels']}", file=sys.stderr)
-    return 0

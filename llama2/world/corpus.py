@@ -17,6 +17,7 @@ import random
 from typing import Callable, Iterator
 
 from llama2.world import facts as F
+from llama2.world import safety
 from llama2.world import tasks as T
 from llama2.world.universe import PRONOUNS, UNITS, Person, Universe, article
 
@@ -178,8 +179,6 @@ DIALOG_FAMILIES = ("fact", "fact", "arithmetic", "string", "list", "units", "cou
 
 
 def _safety_dialog(rng: random.Random) -> list[dict]:
-    from llama2.world import safety
-
     if rng.random() < 0.5:
         rec = safety.borderline_prompts(rng, 1, "train")[0]
     else:
@@ -247,8 +246,6 @@ def worked_doc(rng: random.Random, u: Universe) -> str:
 
 
 def safety_doc(rng: random.Random, u: Universe) -> str:
-    from llama2.world import safety
-
     q_tag, a_tag = rng.choice(QA_FORMATS)
     return safety.corpus_documents(rng, 1, qa_format=q_tag + "{q}\n" + a_tag + "{a}")[0]
 

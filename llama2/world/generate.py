@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llama2 import progress_bars
+from llama2.formats import write_jsonl
 from llama2.world import corpus, gatt, safety
-from llama2.world.formats import write_jsonl
 from llama2.world.pairs import offline_preference_pairs
 from llama2.world.tasks import FAMILIES, HELPFULNESS_TASKS, Example
 from llama2.world.universe import SIZES, Universe, build_universe
@@ -164,8 +166,6 @@ def generate_world(out, seed: int = 0, size: str = "tiny", quiet: bool = False,
     n_chars = corpus.CORPUS_CHARS[size] if corpus_chars is None else corpus_chars
     bar = None
     if not quiet and progress_bars():
-        from tqdm import tqdm
-
         bar = tqdm(total=n_chars, unit="char", unit_scale=True, desc="world: corpus", file=sys.stderr)
     path = out / "corpus" / "pretrain.jsonl"
     n_docs = write_jsonl(path, corpus.documents(u, seed, n_chars, progress=bar.update if bar else None))

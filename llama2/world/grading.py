@@ -21,8 +21,7 @@ Grader = Callable[[dict, str], Grade]
 
 GRADERS: dict[str, Grader] = {}
 
-# Modules whose import registers graders. A module that is missing on this branch is skipped:
-# the world core (tasks) and the safety families are built in parallel.
+# Modules whose import registers graders (they import this module, so it cannot import them first).
 PROVIDERS = ("llama2.world.tasks", "llama2.world.safety_grading")
 
 
@@ -45,11 +44,7 @@ def register_grader(task: str) -> Callable[[Grader], Grader]:
 def load_providers() -> None:
     """Import every known provider once, so that their graders are registered."""
     for name in PROVIDERS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # the provider exists but something it imports is missing
-                raise
+        importlib.import_module(name)
 
 
 def grade_helpfulness(record: dict, response: str) -> Grade:

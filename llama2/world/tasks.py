@@ -19,9 +19,18 @@ from typing import Callable, NamedTuple
 
 from llama2.world import facts as F
 from llama2.world.checks import grade_reference
+from llama2.world.corrupt import corrupt_answer
 from llama2.world.grading import Grade, grade_helpfulness, register_grader  # noqa: F401 (re-exported)
 from llama2.world.universe import (
-    ANIMALS, COLOURS, FOODS, HOBBIES, JOBS, THINGS, UNITS, Universe, article,
+    ANIMALS,
+    COLOURS,
+    FOODS,
+    HOBBIES,
+    JOBS,
+    THINGS,
+    UNITS,
+    Universe,
+    article,
 )
 
 
@@ -504,8 +513,6 @@ HELPFULNESS_TASKS = ("arithmetic", "fact", "string", "list", "units", "counting"
 
 
 def _register_builtin() -> None:
-    from llama2.world.corrupt import corrupt_answer
-
     weights = {"arithmetic": 1.0, "fact": 2.5, "string": 1.0, "list": 1.0, "units": 0.7, "counting": 0.8,
                "creative": 1.0, "multiturn": 1.2}
     for name in HELPFULNESS_TASKS:

@@ -23,23 +23,18 @@ import sys
 from pathlib import Path
 from typing import Iterator, Literal, TypedDict
 
+from llama2.chat_format import ROLES, SPECIAL_TAGS, Message
+
 KINDS = ("pretrain", "sft", "prompts", "preferences")
-ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "test", "eval")
 PREFERENCE_SPLITS = ("train", "test")
 RISK_CATEGORIES = ("illicit_criminal", "hateful_harmful", "unqualified_advice")
 # The four answers of the annotator's "how much better" question, best first (§3.2.1).
 RATINGS = ("significantly better", "better", "slightly better", "negligibly better/unsure")
+# The two preference axes; one reward model each (§3.2.2), and the two parts of the gated reward (§3.2.3).
 AXES = ("helpfulness", "safety")
 # §3.2.1: the pair where the chosen answer is unsafe and the other safe is dropped, so it has no label.
 SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
-# The Llama 2 chat format's tags (SPEC §3): content containing them could forge turns.
-SPECIAL_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
-
-
-class Message(TypedDict):
-    role: Literal["system", "user", "assistant"]
-    content: str
 
 
 # Optional fields live in a `total=False` subclass (typing.NotRequired needs Python 3.11).

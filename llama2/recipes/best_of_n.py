@@ -18,10 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from pathlib import Path
 
 import torch
+
+from llama2.chat import load_for_inference
+from llama2.formats import read_records
+from llama2.gated_reward import load_gated_reward, prompt_axis
+from llama2.sampling import DialogSampler
 
 
 def order_statistic_weights(n: int, N: int, j: int) -> torch.Tensor:
@@ -113,7 +119,9 @@ def best_of_n(sampler, reward, records: list[dict], n: int, temperatures: list[f
 def plot_best_of_n(result: dict, out_dir: str | Path, temperature: float | None = None) -> list[Path]:
     """Figure 7 (max and median vs N at one temperature, the gap shaded) and Figure 8 (max vs N
     per temperature, log-scale N as in the paper). Returns the PNG paths."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global backend state in a library
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,11 +176,6 @@ def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, s
     """Prompt records (`messages` ending with a user turn) of one split, only those whose
     `prompt_axis` is in `axes` if given; a seeded subset of `max_prompts` (0 = all), in file order
     so that chunks and seeds are stable across runs."""
-    import random
-
-    from llama2.rlhf_reward import prompt_axis
-    from llama2.world.formats import read_records
-
     records, seen = [], {}
     for path in paths:
         if not Path(path).is_file():
@@ -194,10 +197,6 @@ def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, s
 
 
 def cli(argv: list[str]) -> int:
-    from llama2.chat import load_for_inference
-    from llama2.rlhf_reward import load_gated_reward
-    from llama2.sampling import DialogSampler
-
     p = argparse.ArgumentParser(prog="llama2 rlhf best-of-n", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="checkpoint to sample from (any format llama2 convert reads)")
     p.add_argument("--reward-models", nargs="+", required=True, metavar="RM",

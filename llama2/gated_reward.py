@@ -6,29 +6,31 @@ Rs and Rh are the safety and helpfulness reward models' scores as probabilities 
 scalar head). The threshold 0.15 gave precision 0.89 and recall 0.55 on the paper's safety test
 set. Rejection sampling ranks samples by Rc; PPO then optimises whiten(logit(Rc)) − β·KL.
 
-A scorer is anything with `prob(dialogs, responses) -> Tensor` (llama2.reward.RewardScorer), or
-with `prob_records(records, responses)` when it needs the prompt record (GraderScorer: the built-in
-world's graders as an oracle reward, for ablations and for checking what a learned reward model
-misses). With only one reward model, it is used for both.
+A scorer is anything with `prob(dialogs, responses) -> Tensor` (llama2.reward_scoring.RewardScorer),
+or with `prob_records(records, responses)` when it needs the prompt record (the built-in world's
+graders as an oracle reward). With only one reward model, it is used for both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from llama2.config import ConfigError, load_object
+from llama2.formats import AXES
 from llama2.losses import gated_reward
+from llama2.reward_scoring import RewardScorer
 
-
-REWARD_AXES = ("helpfulness", "safety")
+# Scorers a config names instead of a checkpoint. Reached by name, so the engine never imports the
+# built-in world: it is the world's graders as a reward (an oracle, for ablations).
+NAMED_SCORERS = {"grader": "llama2.world.oracle:GraderScorer"}
 
 
 def check_reward_axes(axes: list[str], key: str = "reward_axes") -> None:
     """`reward_axes` (rejection sampling, PPO): a non-empty list of helpfulness and/or safety:
     the prompts whose rewards are optimised, by `prompt_axis`."""
-    from llama2.config import ConfigError
-
-    if not axes or not set(axes) <= set(REWARD_AXES):
+    if not axes or not set(axes) <= set(AXES):
         raise ConfigError(f"{key}: a non-empty list of helpfulness and/or safety, got {axes}")
 
 
@@ -67,48 +69,28 @@ def _prob(scorer, records: list[dict], responses: list[str]) -> torch.Tensor:
     return scorer.prob([r["messages"] for r in records], responses).float()
 
 
-class GraderScorer:
-    """The world's noiseless graders as a reward in [0, 1] (an oracle, AlpacaFarm-style).
-
-    axis "helpfulness": the grader's helpfulness score; axis "safety": Likert rating mapped to
-    [0, 1] ((likert - 1) / 4), so that violations (Likert <= 2) fall below 0.25.
-    """
-
-    def __init__(self, axis: str = "helpfulness"):
-        if axis not in ("helpfulness", "safety"):
-            raise ValueError(f"axis must be helpfulness or safety, got {axis!r}")
-        self.axis = axis
-
-    def prob_records(self, records: list[dict], responses: list[str]) -> torch.Tensor:
-        from llama2.world.grading import grade_helpfulness
-        from llama2.world.safety_grading import grade_safety
-
-        if self.axis == "helpfulness":
-            return torch.tensor([grade_helpfulness(r, x).score for r, x in zip(records, responses)])
-        return torch.tensor([(grade_safety(r, x).likert - 1) / 4 for r, x in zip(records, responses)])
-
-
-def load_scorer(spec: str, axis: str, batch_size: int = 32, where: str = "reward model"):
-    """`grader` (the world's grader for `axis`) or a reward-model checkpoint (llama2.reward)."""
-    if spec == "grader":
-        return GraderScorer(axis)
-    from pathlib import Path
-
+def load_scorer(spec: str, axis: str, batch_size: int = 32, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, where: str = "reward model"):
+    """One axis's scorer from a spec: a reward-model checkpoint, a name of NAMED_SCORERS (`grader`,
+    built for the axis), or `module:attr` naming a scorer object or a class called without arguments."""
+    if spec in NAMED_SCORERS:
+        return load_object(NAMED_SCORERS[spec], where)(axis)
+    if ":" in spec and not Path(spec).exists():
+        obj = load_object(spec, where)
+        return obj() if isinstance(obj, type) else obj
     if not Path(spec).exists():
-        raise ValueError(f"{where}: reward model not found: {spec!r} (a checkpoint path, or `grader`)")
-    try:
-        from llama2.reward import RewardScorer
-    except ImportError:
-        raise ValueError(f"{where}: {spec}: reward-model scoring (llama2.reward) is not available in this "
-                         f"build; use `grader`") from None
-    return RewardScorer(spec, batch_size=batch_size)
+        raise ConfigError(f"{where}: reward model not found: {spec!r} (a checkpoint path, `grader` or module:attr)")
+    return RewardScorer(spec, batch_size=batch_size, device=device, dtype=dtype)
 
 
 def load_gated_reward(helpfulness: str, safety: str = "", threshold: float = 0.15, batch_size: int = 32,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       where: str = "reward model") -> GatedReward:
-    """Rc from two specs (checkpoint path or `grader`); an empty `safety` reuses the helpfulness model."""
+    """Rc from two specs (see `load_scorer`); an empty `safety`, or the same checkpoint twice, loads
+    one model for both axes (a user with a single reward model)."""
     if not helpfulness:
-        raise ValueError(f"{where}: the helpfulness reward model is required (a checkpoint path, or `grader`)")
-    rh = load_scorer(helpfulness, "helpfulness", batch_size, where)
-    rs = load_scorer(safety, "safety", batch_size, where) if safety else None
+        raise ConfigError(f"{where}: the helpfulness reward model is required (a checkpoint path, or `grader`)")
+    rh = load_scorer(helpfulness, "helpfulness", batch_size, device, dtype, where)
+    same = not safety or (safety == helpfulness and safety not in NAMED_SCORERS)
+    rs = None if same else load_scorer(safety, "safety", batch_size, device, dtype, where)
     return GatedReward(rh, rs, threshold)
