@@ -38,7 +38,7 @@ COMMANDS: Table = {
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
     "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo"),
     "data": (DATA, "data tools: pretokenize, info, validate"),
-    "pipeline": ("llama2.recipes.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
+    "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "evaluate": ("llama2.recipes.evaluate:cli", "win rates, violation and false-refusal rates (§3.4, §4.4)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
     "annotate": ("llama2.recipes.annotate:cli", "simulated weekly preference batch (§3.2.1)"),

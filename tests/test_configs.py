@@ -10,7 +10,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def recipe_configs():
     from llama2.recipes.evaluate import EvaluateConfig
-    from llama2.recipes.pipeline import PipelineConfig
+    from llama2.pipeline import PipelineConfig
     from llama2.recipes.ppo import PPOConfig
     from llama2.recipes.pretrain import PretrainConfig
     from llama2.recipes.rejection_sampling import RejectionSamplingConfig
@@ -54,7 +54,7 @@ def test_paper_hyperparameters_in_presets():
 
 def test_pipeline_stage_settings_are_valid():
     """The pipeline's per-stage overrides are checked against each recipe's config."""
-    from llama2.recipes.pipeline import PipelineConfig, check
+    from llama2.pipeline import PipelineConfig, check
 
     for path in sorted((CONFIGS / "pipeline").glob("*.yaml")):
         check(load_config(PipelineConfig, path))
@@ -63,7 +63,7 @@ def test_pipeline_stage_settings_are_valid():
 def test_tiny_pretrain_preset_is_the_pipelines_pretraining_stage():
     """configs/pretrain/tiny.yaml runs the pretraining the README's main job runs (no drift between them)."""
     from llama2.config import from_dict
-    from llama2.recipes.pipeline import PipelineConfig
+    from llama2.pipeline import PipelineConfig
     from llama2.recipes.pretrain import PretrainConfig
 
     tiny = load_config(PretrainConfig, CONFIGS / "pretrain" / "tiny.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama2.config import ConfigError, load_config
-from llama2.recipes.pipeline import PipelineConfig, check, stage_names
+from llama2.pipeline import PipelineConfig, check, stage_names
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "pipeline" / "tiny.yaml"
@@ -89,13 +89,13 @@ def test_configuration_is_checked_before_any_work(tmp_path, world_dir):
     r = run(tmp_path / "y", "reward.margin=7")
     assert r.returncode == 1 and "margin" in r.stderr and not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="unknown stage"):
-        from llama2.recipes.pipeline import Run
+        from llama2.pipeline import Run
 
         Run(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'z'}"])).forget_from("v9.ppo", ["world"])
 
 
 def test_reward_model_at_chance_on_the_policy_answers_is_reported(tmp_path, capsys):
-    from llama2.recipes.pipeline import report_on_policy_accuracy
+    from llama2.pipeline import report_on_policy_accuracy
 
     eval_json = tmp_path / "eval.json"
     eval_json.write_text(json.dumps({"test_sets": {"batch2/helpfulness": {"pairs": 100, "accuracy": 0.53},
