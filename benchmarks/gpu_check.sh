@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue #3's GPU checks as one short run, for a session that the device tool lends a GPU (a few
+# The GPU training checks as one short run, for a session that the device tool lends a GPU (a few
 # minutes on an H100; nothing to install: the card's image has torch, transformers, sentencepiece):
 #   bash benchmarks/gpu_check.sh                # results under $OUT (the device tool's) or runs/gpu_check
 # 1. the card and the torch / transformers versions;
 # 2. `llama2 pretrain` of the tiny preset for a few steps on the GPU (bf16 autocast, fused AdamW,
 #    checkpoints, the metrics line with MFU): the engine's CUDA path runs;
-# 3. benchmarks/train_step.py at the issue's GPU setting: a ~1B model (TinyLlama-1.1B's shape) in
+# 3. benchmarks/train_step.py at the GPU target's setting: a ~1B model (TinyLlama-1.1B's shape) in
 #    bf16 at sequence 4096, ours vs transformers, MFU against the card's datasheet dense bf16 peak
 #    (target >= 50%).
 # DEVICE / DTYPE / PRESET / SEQ / BATCH override the defaults (e.g. to try the plumbing on a CPU:

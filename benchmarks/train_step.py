@@ -17,9 +17,7 @@ share cores; measurements before 2026-11-28 used it).
 
 `--profile N` then profiles N steps of each side and prints where the time goes: matrix products,
 attention, the optimizer, everything else, and the ratio that our matrix products and attention
-alone would allow. On the 2-core CPU that bound is ~1.27x: ~77% of our step is matrix products at
-~90% of the measured peak, ~12% the same SDPA kernel transformers calls, and the ~10% left (norms,
-RoPE, SwiGLU, residual adds, the loss) is what is still ours to cut.
+alone would allow (what it showed, by date and commit: docs/results.md).
 
 MFU = tokens/s x ModelArgs.flops_per_token(T) / peak. On CPU the peak is measured in this run:
 the best GFLOP/s of square fp32 matmuls (768 and 1536) with this many threads over both kernel
@@ -35,7 +33,7 @@ the datasheet dense peak (`llama2.train.peak_flops`).
 With --dtype bfloat16 both models' weights, activations and optimizer states are bf16 (no master
 copy): a throughput measurement, not a training recipe. The GPU path has not been run yet (no GPU
 has been lent to this project's benchmark work so far); `benchmarks/gpu_check.sh` runs it with the
-other GPU checks of issue 3.
+other GPU checks.
 """
 from __future__ import annotations
 

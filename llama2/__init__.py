@@ -8,12 +8,11 @@ def _openmp_wait_policy() -> None:
     """Choose how PyTorch's idle OpenMP threads wait, before torch is imported (libgomp reads it once).
 
     - One process on the machine's cores (a recipe, the pipeline, chat): OpenMP's default, where a
-      thread spins a few ms after each parallel region before it sleeps (~9 ms of CPU after the
-      last op here). Small models run thousands of short ops per second, and waking a sleeping
-      thread costs 50-90 µs each time: with OMP_WAIT_POLICY=PASSIVE one PPO iteration of the `tiny`
-      preset took 2.93 s instead of 2.24 s (generation 0.77 vs 0.50 s) on the 2-core CPU.
+      thread spins a few ms after each parallel region before it sleeps. Small models run
+      thousands of short ops per second, and waking a sleeping thread each time costs more than
+      the spin (measured on PPO's tiny preset: docs/results.md).
     - Several ranks of one job on the node (torchrun, LOCAL_WORLD_SIZE > 1): PASSIVE. Threads that
-      spin while another process needs the core are what made a prototype here 25x slower.
+      spin while another process needs the core slow every rank down many times over.
     An explicit OMP_WAIT_POLICY always wins: set PASSIVE yourself when other jobs share the cores
     (the test suite does, as it runs recipes in subprocesses beside itself).
     """

@@ -392,7 +392,7 @@ def write_parquet(path, records: list[dict]) -> int:
 def validate_cli(argv: list[str]) -> int:
     """`llama2 data validate FILE… [--kind K]`: check data files, print every problem found."""
     ap = argparse.ArgumentParser(prog="llama2 data validate",
-                                 description="Check data files against the formats of the README (JSONL or Parquet).")
+                                 description="Check data files against their formats (JSONL or Parquet; docs/data.md).")
     ap.add_argument("files", nargs="+", metavar="FILE")
     ap.add_argument("--kind", choices=KINDS, help="the record kind (default: inferred from the first record)")
     ap.add_argument("--max-errors", type=int, default=20, help="stop listing a file's problems after this many")

@@ -29,7 +29,7 @@ def test_train_step_benchmark_runs_both_sides_and_profiles(tmp_path):
 
 
 def test_gpu_check_script_plumbing_on_cpu(tmp_path):
-    """benchmarks/gpu_check.sh (issue 3's GPU checks for a session lent a GPU) runs end to end; here on
+    """benchmarks/gpu_check.sh (the GPU checks, for a session lent a GPU) runs end to end; here on
     the CPU with a small shape, so that a GPU session spends its minutes measuring, not debugging."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", "DTYPE": "float32",
            "PRESET": "20m", "SEQ": "16", "BATCH": "1", "OMP_WAIT_POLICY": "PASSIVE"}

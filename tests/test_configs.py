@@ -61,7 +61,7 @@ def test_pipeline_stage_settings_are_valid():
 
 
 def test_tiny_pretrain_preset_is_the_pipelines_pretraining_stage():
-    """configs/pretrain/tiny.yaml runs the pretraining the README's main job runs (no drift between them)."""
+    """configs/pretrain/tiny.yaml runs the pretraining `make demo` runs (no drift between them)."""
     from llama2.config import from_dict
     from llama2.pipeline import PipelineConfig
     from llama2.recipes.pretrain import PretrainConfig

@@ -80,7 +80,7 @@ def world_examples(world_dir, world_tokenizer):
 
 def test_packing_fills_rows_on_builtin_data(world_examples):
     loader = DialogLoader(world_examples, 256, 8)
-    assert loader.utilisation() >= 0.95  # issue 5 target
+    assert loader.utilisation() >= 0.95  # packing wastes at most 5% of each row
 
 
 def test_packed_loss_equals_unpacked_loss(world_examples, world_tokenizer):

@@ -1,4 +1,4 @@
-"""The built-in world's core: generation, splits, formats and helpfulness graders (issue 4)."""
+"""The built-in world's core: generation, splits, formats and helpfulness graders."""
 from __future__ import annotations
 
 import json

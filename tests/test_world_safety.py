@@ -1,7 +1,7 @@
 """Safety world: prompts, gold and bad answers, and the safety, refusal and helpfulness graders.
 
 Rates are measured over hundreds of generated cases and asserted; the measured values are in the
-README's safety-world section.
+safety section of docs/world.md.
 """
 import random
 from collections import Counter, defaultdict

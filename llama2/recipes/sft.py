@@ -65,7 +65,7 @@ def sft_optim() -> OptimConfig:
 class SFTConfig:
     out_dir: str = "runs/sft"
     model: str = ""  # checkpoint to fine-tune (native/HF/Meta/GGUF); required
-    train_data: list[str] = field(default_factory=list)  # SFT dialog files (JSONL/Parquet, see README)
+    train_data: list[str] = field(default_factory=list)  # SFT dialog files (JSONL/Parquet, see docs/data.md)
     eval_data: list[str] = field(default_factory=list)  # held-out dialogs for the validation loss
     chat_format: str = "auto"  # auto (the tokenizer's template if any) | llama2 | template
     seq_len: int = 4096  # §3.1

@@ -8,8 +8,8 @@ Short documents of several kinds, each teaching what later stages need:
   worked              worked arithmetic, unit, word and list examples (never an eval instance)
   safety              borderline prompts answered helpfully, risks and safe answers (safety.py)
 Facts of *every* person and place are in the corpus, eval ones included: evaluation asks whether
-the chat model carries pretraining knowledge to entities it never saw in SFT (issue 4,
-"Calibration"). Everything else an eval prompt contains stays out.
+the chat model carries pretraining knowledge to entities it never saw in SFT (calibration).
+Everything else an eval prompt contains stays out.
 """
 from __future__ import annotations
 

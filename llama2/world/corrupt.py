@@ -2,8 +2,8 @@
 
 Corruptions are the failure modes a small sampled model shows — a wrong value, an answer cut off,
 an answer said twice, the wrong format, a refusal of a benign request — and make the rejected side
-of contrastive preference pairs (issue 4, "Calibration": pairs must differ in qualities a small
-reward model can see). Rewordings check that graders accept a correct answer phrased differently.
+of contrastive preference pairs (calibration: pairs must differ in qualities a small reward model
+can see). Rewordings check that graders accept a correct answer phrased differently.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ One `Fact` feeds three consumers with the same words: the pretraining corpus (st
 "Q: … A: …" documents), the fact-question task (a question and a gold statement) and its grader
 (the value to find, the words that also show it, and the values that would be wrong). Stating a
 fact in several phrasings and in question/answer form is what lets a tiny model carry pretraining
-knowledge into chat (issue 4, "Calibration").
+knowledge into chat (calibration).
 """
 from __future__ import annotations
 

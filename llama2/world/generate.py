@@ -1,4 +1,4 @@
-"""`llama2 world generate`: write the built-in world's data files (issue 4).
+"""`llama2 world generate`: write the built-in world's data files.
 
   OUT/world.json                   seed, size, counts and the universe's entities with their split
   OUT/manifest.json                every file: kind, records, bytes, sha256, what it is for
@@ -51,7 +51,7 @@ GATT_TURNS = {"train": (2, 4), "eval": (3, 6)}
 # No string tasks: a language constraint rewrites their answers ("apple" in capitals is wrong).
 GATT_FAMILIES = ("fact", "fact", "arithmetic", "list", "units", "counting")
 # Share of safety prompts in SFT data and prompt sets. Borderline prompts are benign: without
-# them in SFT a tiny model refuses anything that sounds dangerous (issue 4, "Calibration").
+# them in SFT a tiny model refuses anything that sounds dangerous (calibration).
 ADVERSARIAL_SHARE = 0.12
 BORDERLINE_SHARE = 0.10
 # A few SFT dialogs open with a system message, so the chat format's system slot is trained.
@@ -221,7 +221,7 @@ def generate_world(out, seed: int = 0, size: str = "tiny", quiet: bool = False,
     manifest = {
         "name": "llama2 built-in world", "seed": seed, "size": size,
         "command": f"llama2 world generate --out DIR --seed {seed} --size {size}",
-        "formats": "see README.md, 'Built-in world'; check any file with `llama2 data validate FILE`",
+        "formats": "see docs/data.md and docs/world.md; check any file with `llama2 data validate FILE`",
         "splits": "train: SFT and RLHF; test: SFT held-out loss and per-batch reward-model test sets; "
                   "eval: final evaluation only (its people, places and instances never appear in "
                   "train or test data; their facts are in the corpus)",
