@@ -18,6 +18,9 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 if TYPE_CHECKING:
     from llama2.tokenizer import Tokenizer
 
@@ -53,9 +56,6 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
 
 @functools.lru_cache(maxsize=16)
 def _compile(template: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     # A template comes with a downloaded model: run it sandboxed, with the options and helpers
     # transformers gives templates (they are written against those).
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -70,8 +70,6 @@ def _compile(template: str):
 
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
     """Render a Jinja chat template like transformers' apply_chat_template(tokenize=False)."""
-    from jinja2 import TemplateError
-
     try:
         return _compile(template).render(
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables

@@ -47,6 +47,8 @@ def setup(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    # Imported only when training runs on several ranks: torch.distributed's FSDP, device-mesh and
+    # checkpoint modules take seconds to import, which every one-process run would pay.
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (world,))
@@ -66,7 +68,10 @@ def apply_fsdp(model: torch.nn.Module, d: Dist, param_dtype: torch.dtype | None 
     Mixed precision through FSDP2's policy: parameters cast to `param_dtype` for compute,
     gradients reduced in fp32 so that the optimizer sees full-precision averages.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (  # seconds to import: see setup()
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in model.layers:
@@ -99,6 +104,9 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The unsharded model weights on CPU (on every rank for world 1; rank 0 holds them under FSDP)."""
     if not d.enabled:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (  # see setup()
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

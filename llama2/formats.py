@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Literal, TypedDict
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from llama2.chat_format import ROLES, SPECIAL_TAGS, Message
 
 KINDS = ("pretrain", "sft", "prompts", "preferences")
@@ -290,8 +293,6 @@ def iter_rows(path) -> Iterator[tuple[int, object]]:
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory, expected a .jsonl or .parquet file")
     if _is_parquet(path):
-        import pyarrow.parquet as pq
-
         try:
             pf = pq.ParquetFile(path)
         except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
@@ -380,9 +381,6 @@ def write_jsonl(path, records) -> int:
 
 def write_parquet(path, records: list[dict]) -> int:
     """Write records as Parquet; `reference` and `meta` become JSON strings (they differ per task)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [{k: (json.dumps(v) if k in ("reference", "meta") and isinstance(v, dict) else v) for k, v in r.items()}
             for r in records]
     pq.write_table(pa.Table.from_pylist(rows), path)

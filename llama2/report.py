@@ -15,6 +15,8 @@ import io
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from llama2.formats import RATINGS
 
 
@@ -31,9 +33,6 @@ def _json(path: Path) -> dict | None:
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -42,8 +41,6 @@ def _versions(run: Path) -> list[Path]:
 
 
 def plot_losses(run: Path):
-    import matplotlib.pyplot as plt
-
     stages = [("pretrain", run / "pretrain" / "metrics.jsonl"), ("sft", run / "sft" / "metrics.jsonl"),
               ("control (extra SFT)", run / "control" / "metrics.jsonl")]
     stages += [(f"{v.name} rejection-sampling SFT", p) for v in _versions(run)
@@ -51,7 +48,8 @@ def plot_losses(run: Path):
     series = [(name, rows) for name, path in stages if (rows := _jsonl(path))]
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(series), 3))
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (name, rows) in zip(axes[0], series):
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -75,8 +73,6 @@ def _rating_accuracy(ev: dict) -> dict[str, dict[str, float]]:
 
 
 def plot_reward_accuracy(run: Path):
-    import matplotlib.pyplot as plt
-
     evals = []
     for v in _versions(run):
         for axis in ("helpfulness", "safety"):
@@ -85,7 +81,8 @@ def plot_reward_accuracy(run: Path):
                 evals.append((f"{v.name} {axis} RM", _rating_accuracy(ev)))
     if not evals:
         return None
-    fig, axes = plt.subplots(1, len(evals), figsize=(3.6 * len(evals), 3), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(evals), 3))
+    axes = fig.subplots(1, len(evals), squeeze=False)
     for ax, (name, table) in zip(axes[0], evals):
         for test_set, acc in table.items():
             pts = [(i, acc[r]) for i, r in enumerate(RATINGS) if acc.get(r) is not None]
@@ -101,13 +98,12 @@ def plot_reward_accuracy(run: Path):
 
 
 def plot_best_of_n(run: Path):
-    import matplotlib.pyplot as plt
-
     curves = [(v.name, _json(p)) for v in _versions(run)
               for p in sorted((v / "rejection_sampling").glob("iter-*/best_of_n/best_of_n.json"))]
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(curves), 3))
+    axes = fig.subplots(1, len(curves), squeeze=False)
     for ax, (name, bon) in zip(axes[0], curves):
         for temp, c in sorted(bon.get("curves", {}).items(), key=lambda kv: float(kv[0])):
             n = c.get("n") or list(range(1, len(c["max"]) + 1))
@@ -122,8 +118,6 @@ def plot_best_of_n(run: Path):
 
 
 def plot_reward_distributions(run: Path):
-    import matplotlib.pyplot as plt
-
     dists = []
     for v in _versions(run):
         ev = _jsonl(v / "eval" / "answers.jsonl")
@@ -134,7 +128,8 @@ def plot_reward_distributions(run: Path):
         dists.insert(0, ("SFT", [r.get("baseline0_grade", 0.0) for r in sft]))
     if not dists:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
     ax.hist([d for _, d in dists], bins=10, range=(0, 1), label=[n for n, _ in dists], histtype="step", lw=1.5)
     ax.set_xlabel("grader helpfulness of the answer")
     ax.set_ylabel("prompts")
@@ -153,12 +148,11 @@ def win_rates(run: Path) -> list[tuple[str, dict]]:
 
 
 def plot_win_rates(run: Path):
-    import matplotlib.pyplot as plt
-
     rows = win_rates(run)
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
     for judge, style in (("graders", "o-"), ("reward_models", "s--")):
         pts = [(name, ev["vs_baseline0"][judge]) for name, ev in rows if judge in ev.get("vs_baseline0", {})]
         if pts:
@@ -176,12 +170,11 @@ def plot_win_rates(run: Path):
 
 
 def plot_ppo(run: Path):
-    import matplotlib.pyplot as plt
-
     runs = [(v.name, rows) for v in _versions(run) if (rows := _jsonl(v / "ppo" / "metrics.jsonl"))]
     if not runs:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    fig = Figure(figsize=(12, 3))
+    axes = fig.subplots(1, 3)
     for name, rows in runs:
         rows = [r for r in rows if "reward" in r]
         it = [r["step"] for r in rows]
@@ -206,9 +199,6 @@ def _cell(c) -> str:
 
 
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run directory")

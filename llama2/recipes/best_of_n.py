@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
 
 from llama2.chat import load_for_inference
 from llama2.formats import read_records
@@ -119,10 +120,6 @@ def best_of_n(sampler, reward, records: list[dict], n: int, temperatures: list[f
 def plot_best_of_n(result: dict, out_dir: str | Path, temperature: float | None = None) -> list[Path]:
     """Figure 7 (max and median vs N at one temperature, the gap shaded) and Figure 8 (max vs N
     per temperature, log-scale N as in the paper). Returns the PNG paths."""
-    from matplotlib.figure import (
-        Figure,  # no pyplot: no global backend state in a library
-    )
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     temps = sorted(result["curves"], key=float)

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
 
 from llama2.chat_format import ChatFormat, ChatFormatError
 from llama2.checkpoint import build_model, read_checkpoint, save_native
@@ -159,12 +158,11 @@ def accuracy_table(report: dict) -> str:
 
 def plot_report(report: dict, path: Path, title: str) -> None:
     """Grouped bars of accuracy: per rating level (Table 8) and per task family, one bar per test set."""
-    matplotlib.use("Agg")
-
     sets = list(report["test_sets"].items())
     tasks = sorted({t for _, ts in sets for t in ts["by_task"]})
     panels = [("rating level", [*RATINGS, "average"], "by_rating"), ("task family", tasks, "by_task")]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [5, max(len(tasks), 3)]})
+    fig = Figure(figsize=(14, 4.5))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [5, max(len(tasks), 3)]})
     width = 0.8 / max(len(sets), 1)
     for ax, (what, keys, field_) in zip(axes, panels):
         for j, (name, ts) in enumerate(sets):
@@ -181,7 +179,6 @@ def plot_report(report: dict, path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(report: dict, out: Path, title: str) -> None:
