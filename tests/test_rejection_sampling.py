@@ -426,12 +426,12 @@ def test_config_errors_name_the_field(world_dir, tiny_policy, tmp_path):
 
 
 def test_rlhf_command_dispatch(capsys, monkeypatch):
-    from llama2.cli import main as llama2_main
-    from llama2.recipes import rlhf
+    from llama2 import cli
 
-    assert llama2_main(["rlhf", "--help"]) == 0
+    assert cli.main(["rlhf", "--help"]) == 0
     assert "rejection-sampling" in capsys.readouterr().out
-    assert llama2_main(["rlhf", "dpo"]) == 2
-    monkeypatch.setitem(rlhf.METHODS, "ppo", ("llama2.recipes.no_such_recipe:cli", ""))
-    assert llama2_main(["rlhf", "ppo"]) == 2
-    assert "ppo is not available" in capsys.readouterr().err
+    assert cli.main(["rlhf", "dpo"]) == 2
+    assert "unknown command 'dpo'" in capsys.readouterr().err
+    monkeypatch.setitem(cli.RLHF, "ppo", ("llama2.recipes.no_such_recipe:cli", ""))
+    assert cli.main(["rlhf", "ppo"]) == 1
+    assert "no module 'llama2.recipes.no_such_recipe'" in capsys.readouterr().err
