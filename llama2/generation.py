@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llama2.model import KVCache, Transformer, apply_rope, attention_mask, linear, rope_frequencies
+from llama2.cpu_kernels import linear
+from llama2.model import KVCache, Transformer, apply_rope, attention_mask, rope_frequencies
 
 
 @dataclass
@@ -103,7 +104,7 @@ class PackedModel:
     summing the weight, vs 11 ms), and fusing wq|wk|wv and w1|w3 halves the number of matmuls per
     layer. Decoding at batch 1 is memory-bound, so this is where the time goes. From 2 rows on
     (batched decoding, prefill) `linear` hands the same weights, seen as (out, in), to oneDNN, which
-    is 1.4-2x faster there than MKL (see model._ONEDNN_MIN_ROWS). The copy costs one extra set of
+    is 1.4-2x faster there than MKL (see cpu_kernels.ONEDNN_MIN_ROWS). The copy costs one extra set of
     weights; the embedding table is shared, not copied.
     """
 

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
+from llama2.cpu_kernels import Ragged
 from llama2.losses import RATINGS
-from llama2.model import ModelArgs, Ragged, Transformer
+from llama2.model import ModelArgs, Transformer
 from llama2.world.formats import AXES, DataError, iter_rows, validate_file
 
 OBJECTIVES = AXES  # one reward model per preference axis: helpfulness and safety (§3.2.2)
@@ -73,7 +74,7 @@ def packed_scores(model: Transformer, seqs: Sequence[Sequence[int]], device=None
     """The scalar head at each sequence's last token (the token that closes the answer, see
     `response_ids`): (N,) float32, in the order of `seqs`.
 
-    The sequences run end to end in one unpadded row (llama2.model.Ragged), longest first so that
+    The sequences run end to end in one unpadded row (llama2.cpu_kernels.Ragged), longest first so that
     attention groups similar lengths: each is computed as if alone and costs its own tokens only.
     """
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

@@ -32,10 +32,11 @@ import torch
 
 from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
+from llama2.cpu_kernels import Ragged
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
-from llama2.model import ModelArgs, Ragged
+from llama2.model import ModelArgs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.rlhf_reward import REWARD_AXES, GatedReward, GraderScorer, check_reward_axes, prompt_axis
 from llama2.rollout import (
