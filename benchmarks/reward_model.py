@@ -7,7 +7,7 @@ Both sides train the `tiny` preset (dim 192, 4 layers, GQA 6/2 heads, 4,096-toke
 vocabulary) under a freshly initialised scalar head, on the built-in world's helpfulness mix
 tokenized once in the Llama 2 chat format, and see the very same batches: B pairs in one forward
 (trl: 2B right-padded rows; ours: the 2B sequences end to end in one unpadded row, as the recipe
-runs them — llama2.model.Ragged), the margin-small ranking loss, AdamW (0.9/0.95, eps 1e-5,
+runs them — llama2.cpu_kernels.Ragged), the margin-small ranking loss, AdamW (0.9/0.95, eps 1e-5,
 decay 0.1), clipping at 1.0, lr 1e-5, fp32, the same number of threads, one process each.
 - ours: the recipe a user runs (`llama2 reward train`), pairs/s from its own metrics;
 - trl: `RewardTrainer` (trl 1.12.0, in a venv of its own: benchmarks/.venv-trl, or --trl-python)

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from llama2.model import KVCache, Transformer, apply_rope, attention_mask, linear, rope_frequencies
+from llama2.model import KVCache, Transformer
+from llama2.packed_decode import PackedModel
 
 
 @dataclass
@@ -72,8 +72,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     """One index per row of unnormalised probabilities (B, V) -> (B, 1), by inverting the CDF.
 
     One uniform number per row and a binary search in the running sum, instead of torch.multinomial,
-    which on CPU draws a random number for every vocabulary entry: for (64 x 4,096) 0.3 ms vs
-    6.2 ms, for (16 x 49,152) 0.8 ms vs 16.5 ms on the 2-core CPU, at every decoding step. u is in
+    which on CPU draws a random number for every vocabulary entry, at every decoding step. u is in
     (0, 1], so a token of probability 0 is never drawn: the search returns the first index whose
     running sum reaches u·total, and a zero entry never raises the sum.
     """
@@ -98,69 +97,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         return order.gather(-1, draw(sorted_p, generator)).squeeze(-1)
     return draw(probs, generator).squeeze(-1)
-
-
-class PackedModel:
-    """An inference-only copy of a Transformer laid out for fast CPU decoding.
-
-    Measured on a 2-core CPU with SmolLM2-135M: a (1, in) @ (in, out) product streams the weight
-    about 1.4x faster than F.linear's (out, in) layout (the (576 x 49152) head: 6.5 ms, as fast as
-    summing the weight, vs 11 ms), and fusing wq|wk|wv and w1|w3 halves the number of matmuls per
-    layer. Decoding at batch 1 is memory-bound, so this is where the time goes. From 2 rows on
-    (batched decoding, prefill) `linear` hands the same weights, seen as (out, in), to oneDNN, which
-    is 1.4-2x faster there than MKL (see model._ONEDNN_MIN_ROWS). The copy costs one extra set of
-    weights; the embedding table is shared, not copied.
-    """
-
-    def __init__(self, model: Transformer):
-        self.args = model.args
-        with torch.no_grad():
-            self.layers = []
-            for layer in model.layers:
-                at, ff = layer.attention, layer.feed_forward
-                self.layers.append((
-                    layer.attention_norm.weight.detach(),
-                    torch.cat([at.wq.weight, at.wk.weight, at.wv.weight]).t().contiguous().t(),  # (q+k+v, dim)
-                    at.wo.weight.t().contiguous().t(),
-                    layer.ffn_norm.weight.detach(),
-                    torch.cat([ff.w1.weight, ff.w3.weight]).t().contiguous().t(),  # (2*hidden, dim)
-                    ff.w2.weight.t().contiguous().t(),
-                ))
-            self.tok_embeddings = model.tok_embeddings.weight.detach()
-            self.norm = model.norm.weight.detach()
-            self.output = model.output.weight.t().contiguous().t()  # (vocab, dim), stored (dim, vocab)
-
-    def _norm(self, x, w):
-        return F.rms_norm(x, (x.shape[-1],), w, eps=self.args.norm_eps)
-
-    def __call__(self, tokens, *, positions, cache: KVCache, last_only: bool = True):
-        """Same contract as Transformer.forward with a cache: tokens (B, T) -> logits (B, T|1, vocab)."""
-        a = self.args
-        B, T = tokens.shape
-        hd, nq, nkv = a.head_dim, a.n_heads, a.n_kv_heads
-        fc = rope_frequencies(positions, hd, a.rope_theta)  # (B, T, 1, hd/2)
-        start, S = cache.length, cache.length + T
-        mask = attention_mask(T, cache=cache, device=tokens.device)  # (B, 1, T, S)
-        x = self.tok_embeddings[tokens]  # (B, T, dim)
-        for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(self.layers):
-            q, k, v = linear(self._norm(x, n1), wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q, k = apply_rope(q.reshape(B, T, nq, hd), fc), apply_rope(k.reshape(B, T, nkv, hd), fc)  # in x's dtype
-            cache.k[i][:, :, start:S] = k.transpose(1, 2)
-            cache.v[i][:, :, start:S] = v.view(B, T, nkv, hd).transpose(1, 2)
-            keys, values = cache.k[i][:, :, :S], cache.v[i][:, :, :S]  # (B, nkv, S, hd)
-            # SDPA also for single-token steps: decoding SmolLM2 with it vs with explicit grouped
-            # matmuls + softmax, alternating in one process, gave 16.4/24.5/16.1 vs 15.4/18.2/14.7
-            # tokens/s at batch 1 and 119/90/85 vs 129/88/80 at batch 16.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 enable_gqa=nq != nkv)
-            out = out.transpose(1, 2).reshape(B, T, nq * hd)
-            x = x + linear(out, wo)
-            gate, up = linear(self._norm(x, n2), w13).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w2)
-        cache.length = S
-        if last_only:
-            x = x[:, -1:]
-        return linear(self._norm(x, self.norm), self.output).float()
 
 
 class Generator:
@@ -188,8 +124,8 @@ class Generator:
         """Run the left-padded prompts through the model; return last logits (B, V) and next positions (B,).
 
         Consecutive groups of PREFILL_GROUP rows are each padded only to their own longest prompt
-        when that saves at least a fifth of the padded positions (callers sort prompts by length):
-        64 PPO prompts of 19-89 tokens then cost 2,832 positions instead of 5,696. Each group
+        when that saves at least a fifth of the padded positions (callers sort prompts by length,
+        so that the prompts of a group are close in length). Each group
         fills its rows of the cache right-aligned at the batch's longest prompt, so decoding sees
         one left-padded batch either way, and every row gets what it would get alone (tested).
         """

@@ -19,7 +19,8 @@ import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
 from llama2.checkpoint import CheckpointError, build_model, read_checkpoint
-from llama2.model import ModelArgs, Ragged, Transformer
+from llama2.cpu_kernels import Ragged
+from llama2.model import ModelArgs, Transformer
 
 
 def reward_state(args: ModelArgs, state: dict[str, torch.Tensor], init_std: float | None = None,
@@ -59,7 +60,7 @@ def packed_scores(model: Transformer, seqs: Sequence[Sequence[int]], device=None
     """The scalar head at each sequence's last token (the token that closes the answer, see
     `response_ids`): (N,) float32, in the order of `seqs`.
 
-    The sequences run end to end in one unpadded row (llama2.model.Ragged), longest first so that
+    The sequences run end to end in one unpadded row (llama2.cpu_kernels.Ragged), longest first so that
     attention groups similar lengths: each is computed as if alone and costs its own tokens only.
     """
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

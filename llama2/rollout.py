@@ -153,7 +153,7 @@ def pack_rollouts(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, 
     """Prompt + response ids of all rollouts end to end in one row (1, N), the response mask
     (1, N - 1) on action positions as in `pad_rollouts`, and each rollout's length.
 
-    The model runs such a row with `lengths=` (llama2.model.Ragged): each sequence as if alone,
+    The model runs such a row with `lengths=` (llama2.cpu_kernels.Ragged): each sequence as if alone,
     with no padding; the response tokens come out in the same order as from `pad_rollouts`.
     """
     lengths = [len(r.prompt) + len(r.response) for r in rollouts]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from llama2.generation import Generator, GenerationStats, PackedModel, SamplingParams, sample
+from llama2.generation import Generator, GenerationStats, SamplingParams, sample
 from llama2.model import KVCache, ModelArgs, Transformer
+from llama2.packed_decode import PackedModel
 
 
 @pytest.fixture(scope="module")

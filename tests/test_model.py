@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from llama2 import cpu_kernels
 from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
-from llama2.model import KVCache, ModelArgs, PRESETS, Ragged, Transformer, meta_ffn_hidden_dim, preset
+from llama2.cpu_kernels import Ragged, linear
+from llama2.model import KVCache, ModelArgs, PRESETS, RMSNorm, Transformer, meta_ffn_hidden_dim, preset
 
 CONFIGS = {
     "mha-untied": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False),
@@ -218,9 +220,7 @@ def test_flops_per_token_matches_flop_counter(name, monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    import llama2.model as model_module
-
-    monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", None)  # the counter knows aten's matmuls only
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_LINEAR", None)  # the counter knows aten's matmuls only
     model = tiny_model(**CONFIGS[name]).train()
     B, T = 2, 16
     tokens = torch.randint(0, 101, (B, T))
@@ -231,10 +231,7 @@ def test_flops_per_token_matches_flop_counter(name, monkeypatch):
 
 
 def test_onednn_linear_forward_and_gradients_match_f_linear():
-    import llama2.model as model_module
-    from llama2.model import linear
-
-    if model_module._ONEDNN_LINEAR is None:
+    if cpu_kernels.ONEDNN_LINEAR is None:
         pytest.skip("this torch build has no usable oneDNN linear")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 32, generator=g, requires_grad=True)  # (out, in)
@@ -252,14 +249,12 @@ def test_onednn_linear_forward_and_gradients_match_f_linear():
             assert (outs[0] - outs[1]).abs().max().item() < 1e-5
             assert (grads[0][0] - grads[1][0]).abs().max().item() < 1e-4
             assert (grads[0][1] - grads[1][1]).abs().max().item() < 1e-4
-            assert outs[0].grad_fn.name().startswith("_OneDNNLinear") == (batch * rows >= model_module._ONEDNN_MIN_ROWS)
+            assert outs[0].grad_fn.name().startswith("_OneDNNLinear") == (batch * rows >= cpu_kernels.ONEDNN_MIN_ROWS)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for F.linear
         assert linear(torch.randn(40, 32), w).dtype == torch.bfloat16
 
 
 def test_rms_norm_forward_and_gradients_match_the_reference():
-    from llama2.model import RMSNorm
-
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(48, 1e-5)
     norm.weight.data = torch.rand(48, generator=g) + 0.5

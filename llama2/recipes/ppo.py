@@ -34,6 +34,7 @@ import torch
 from llama2.chat_format import ChatFormat
 from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
+from llama2.cpu_kernels import Ragged
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.formats import AXES, read_records
 from llama2.gated_reward import (
@@ -44,7 +45,7 @@ from llama2.gated_reward import (
 )
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
-from llama2.model import ModelArgs, Ragged
+from llama2.model import ModelArgs
 from llama2.recipes.common import (
     config_dict,
     kill_hook,

@@ -1,0 +1,75 @@
+"""PackedModel: an inference-only copy of a Transformer laid out for fast CPU decoding.
+
+It repeats the block maths of `llama2.model` on fused, re-laid-out weights, so it imports both the
+model (rotary embeddings, the attention mask, the KV cache) and `llama2.cpu_kernels` (`linear`).
+It lives apart from both so that dependencies go one way: model -> cpu_kernels, and this module
+-> model and cpu_kernels; `llama2.generation` uses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llama2.cpu_kernels import linear
+from llama2.model import KVCache, Transformer, apply_rope, attention_mask, rope_frequencies
+
+
+class PackedModel:
+    """An inference-only copy of a Transformer laid out for fast CPU decoding.
+
+    Decoding at batch 1 is memory-bound: the time goes into streaming the weights. A (1, in) @
+    (in, out) product streams a weight faster than F.linear's (out, in) layout, so the weights are
+    stored (in, out); fusing wq|wk|wv and w1|w3 halves the number of matmuls per layer. From
+    `cpu_kernels.ONEDNN_MIN_ROWS` rows on (batched decoding, prefill) `linear` hands the same
+    weights, seen as (out, in), to oneDNN, which is faster there than MKL. The copy costs one extra
+    set of weights; the embedding table is shared, not copied.
+    """
+
+    def __init__(self, model: Transformer):
+        self.args = model.args
+        with torch.no_grad():
+            self.layers = []
+            for layer in model.layers:
+                at, ff = layer.attention, layer.feed_forward
+                self.layers.append((
+                    layer.attention_norm.weight.detach(),
+                    torch.cat([at.wq.weight, at.wk.weight, at.wv.weight]).t().contiguous().t(),  # (q+k+v, dim)
+                    at.wo.weight.t().contiguous().t(),
+                    layer.ffn_norm.weight.detach(),
+                    torch.cat([ff.w1.weight, ff.w3.weight]).t().contiguous().t(),  # (2*hidden, dim)
+                    ff.w2.weight.t().contiguous().t(),
+                ))
+            self.tok_embeddings = model.tok_embeddings.weight.detach()
+            self.norm = model.norm.weight.detach()
+            self.output = model.output.weight.t().contiguous().t()  # (vocab, dim), stored (dim, vocab)
+
+    def _norm(self, x, w):
+        return F.rms_norm(x, (x.shape[-1],), w, eps=self.args.norm_eps)
+
+    def __call__(self, tokens, *, positions, cache: KVCache, last_only: bool = True):
+        """Same contract as Transformer.forward with a cache: tokens (B, T) -> logits (B, T|1, vocab)."""
+        a = self.args
+        B, T = tokens.shape
+        hd, nq, nkv = a.head_dim, a.n_heads, a.n_kv_heads
+        fc = rope_frequencies(positions, hd, a.rope_theta)  # (B, T, 1, hd/2)
+        start, S = cache.length, cache.length + T
+        mask = attention_mask(T, cache=cache, device=tokens.device)  # (B, 1, T, S)
+        x = self.tok_embeddings[tokens]  # (B, T, dim)
+        for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(self.layers):
+            q, k, v = linear(self._norm(x, n1), wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k = apply_rope(q.reshape(B, T, nq, hd), fc), apply_rope(k.reshape(B, T, nkv, hd), fc)  # in x's dtype
+            cache.k[i][:, :, start:S] = k.transpose(1, 2)
+            cache.v[i][:, :, start:S] = v.view(B, T, nkv, hd).transpose(1, 2)
+            keys, values = cache.k[i][:, :, :S], cache.v[i][:, :, :S]  # (B, nkv, S, hd)
+            # SDPA also for single-token steps: explicit grouped matmuls + softmax were no faster,
+            # at batch 1 or batched.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=nq != nkv)
+            out = out.transpose(1, 2).reshape(B, T, nq * hd)
+            x = x + linear(out, wo)
+            gate, up = linear(self._norm(x, n2), w13).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w2)
+        cache.length = S
+        if last_only:
+            x = x[:, -1:]
+        return linear(self._norm(x, self.norm), self.output).float()
