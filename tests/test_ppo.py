@@ -199,7 +199,7 @@ def tiny_run(policy_path, prompts_file, tmp_path_factory):
     return out
 
 
-def test_reward_rises_kl_bounded_and_reference_values(tiny_run):
+def test_reward_rises_kl_bounded_and_reference_values(tiny_run, reference):
     m = metrics(tiny_run)
     assert sorted(m) == list(range(1, 9))
     first = sum(m[s]["reward"] for s in (1, 2, 3)) / 3
@@ -210,10 +210,8 @@ def test_reward_rises_kl_bounded_and_reference_values(tiny_run):
     assert m[8]["entropy"] < m[1]["entropy"]
     assert all(k in m[1] for k in ("reward_helpfulness", "reward_safety", "gated_by_safety", "time_generation",
                                    "time_scoring", "time_training", "reward_logit"))
-    if os.environ.get("LLAMA2_UPDATE_REFERENCE"):
-        REFERENCE.write_text(json.dumps({str(s): {k: m[s][k] for k in CHECKED} for s in (1, 2, 3)}, indent=1) + "\n")
-    ref = json.loads(REFERENCE.read_text())
     # Silent numerical changes show up here; regenerate deliberately with LLAMA2_UPDATE_REFERENCE=1.
+    ref = reference(REFERENCE, {s: {k: m[s][k] for k in CHECKED} for s in (1, 2, 3)})
     for s, values in ref.items():
         for k, v in values.items():
             assert m[int(s)][k] == pytest.approx(v, abs=2e-4), (s, k, m[int(s)][k], v)
