@@ -136,7 +136,7 @@ def test_killed_run_resumes_exactly(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(corpus, tmp_path):
-    one = run_cli(overrides(corpus, tmp_path / "one", micro_batch_size=8))
+    one = run_cli(overrides(corpus, tmp_path / "one", micro_batch_size=8), env={"OMP_NUM_THREADS": "1"})  # as a rank
     assert one.returncode == 0, one.stderr
     two = run_cli(overrides(corpus, tmp_path / "two", micro_batch_size=4), torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]

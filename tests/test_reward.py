@@ -399,7 +399,12 @@ def test_torchrun_fsdp2_matches_single_process(world_rm, tmp_path):
     short = {"model": world_rm / "pt" / "final", "train_data": f"[{prefs / 'offline_train.jsonl'}]",
              "eval_data": f"[{prefs / 'offline_test.jsonl'}]", "batch_size": 8, "micro_batch_size": 4, "max_steps": 4,
              "ckpt_every": 0, "eval_every": 0, "log_every": 1, "optim.lr": 1e-3, "objective": "safety"}
-    main(load_config(RewardConfig, None, overrides({**short, "out_dir": tmp_path / "one"})))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank below (OMP_NUM_THREADS=1): the same per-process sums
+    try:
+        main(load_config(RewardConfig, None, overrides({**short, "out_dir": tmp_path / "one"})))
+    finally:
+        torch.set_num_threads(threads)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llama2",
                           "reward", "train", *overrides({**short, "out_dir": tmp_path / "two", "micro_batch_size": 2})],
                          env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
