@@ -227,6 +227,26 @@ def test_export_loads_for_chat(tiny_run):
     assert len(out[0].tokens) <= 3
 
 
+def test_rlhf_ppo_command(tiny_run, policy_path, prompts_file, tmp_path, monkeypatch, capsys):
+    """`llama2 rlhf ppo` runs the recipe: two iterations equal the first two of the in-process run
+    (constant schedule, same threads); a bad setting is one clear line and exit 1."""
+    from llama2.cli import main as llama2_main
+
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    out = tmp_path / "cli"
+    assert llama2_main(["rlhf", "ppo", *overrides(policy_path, prompts_file, out, iterations=2, ckpt_every=0)]) == 0
+    full, got = metrics(tiny_run), metrics(out)
+    assert sorted(got) == [1, 2]
+    for s in got:
+        assert {k: got[s][k] for k in CHECKED} == {k: full[s][k] for k in CHECKED}, s
+    assert json.loads((out / "final" / "model.json").read_text())["iteration"] == 2
+    capsys.readouterr()
+    assert llama2_main(["rlhf", "ppo", *overrides(policy_path, prompts_file, tmp_path / "bad", mini_batch_size=7)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llama2 rlhf: error: ") and "mini_batch_size" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_killed_run_resumes_exactly(tiny_run, policy_path, prompts_file, tmp_path):
     # killed after iteration 3 (the last checkpoint is iteration 2), then resumed up to iteration 5
     args = overrides(policy_path, prompts_file, tmp_path / "k", iterations=5)

@@ -134,6 +134,16 @@ def test_killed_run_resumes_exactly(corpus, tmp_path):
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")
 
 
+def test_resume_without_a_checkpoint_is_one_clear_line(corpus, tmp_path, monkeypatch, capsys):
+    from llama2.cli import main as llama2_main
+
+    monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
+    assert llama2_main(["pretrain", *overrides(corpus, tmp_path / "fresh"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"llama2 pretrain: error: --resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}"
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()  # nothing was trained
+
+
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(corpus, tmp_path):
     one = run_cli(overrides(corpus, tmp_path / "one", micro_batch_size=8), env={"OMP_NUM_THREADS": "1"})  # as a rank
