@@ -42,6 +42,11 @@ def reference():
     return check_reference
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "machine: measures the machine (allocator, profiler, timing); bounded "
+                                       "loosely, skipped where the machine does not show the measured effect")
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     from llama2.paths import smollm2_gguf

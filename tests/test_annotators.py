@@ -232,7 +232,7 @@ def test_annotate_cli_writes_a_batch(tmp_path, world_tokenizer):
     from llama2.checkpoint import save_native
     from llama2.model import ModelArgs, Transformer
 
-    formats = pytest.importorskip("llama2.world.formats")
+    from llama2.world import formats
     records = _records(9, 20, 10, 20)
     prompts = tmp_path / "prompts.jsonl"
     formats.write_jsonl(prompts, records)

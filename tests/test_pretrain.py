@@ -203,6 +203,7 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.machine
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
 def test_keep_freed_memory_spares_page_faults():
     # Five training steps of a small model: by default glibc maps the large activations and
@@ -215,8 +216,9 @@ def test_keep_freed_memory_spares_page_faults():
 
     took, with_setting = faults("on")
     _, without = faults("off")
-    assert took
-    assert without > 10_000, without  # the control: the default really faults
+    assert took  # glibc: the setting was applied
+    if without < 10_000:  # the control: this machine's allocator/kernel does not fault them in anyway
+        pytest.skip(f"only {without} minor faults without the setting: nothing for it to spare here")
     assert with_setting < without / 5, (with_setting, without)
 
 
