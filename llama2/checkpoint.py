@@ -309,6 +309,14 @@ def _hf_head(cfg: dict, source: str) -> str:
     return "scalar"
 
 
+def _hf_context(cfg: dict) -> int:
+    """The context we can serve exactly: a sliding-window model (Mistral 7B v0.1: 4096 of 32768)
+    attends to everything within one window, which full causal attention reproduces."""
+    n = cfg.get("max_position_embeddings", 4096)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    return min(n, window) if window else n
+
+
 def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     if cfg.get("model_type") not in (None, "llama", "mistral") or (
         cfg.get("architectures") and not any(a in ("LlamaForCausalLM", "MistralForCausalLM", *_HF_CLASSIFIERS)
@@ -317,10 +325,11 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
         raise CheckpointError(f"{source}: not a Llama checkpoint (model_type={cfg.get('model_type')!r}, "
                               f"architectures={cfg.get('architectures')})")
     head = _hf_head(cfg, source)
+    for key in ("rope_parameters", "rope_scaling"):  # both: a config may carry the old field beside the new
+        rope_type = (cfg.get(key) or {}).get("rope_type", (cfg.get(key) or {}).get("type", "default"))
+        if rope_type not in ("default", None):
+            raise CheckpointError(f"{source}: {key}: rope scaling type {rope_type!r} is not supported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"{source}: rope scaling type {rope_type!r} is not supported")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not a Llama 2 architecture")
@@ -337,7 +346,7 @@ def args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            max_seq_len=_hf_context(cfg),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             head=head,

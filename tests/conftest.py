@@ -1,11 +1,50 @@
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One thread count for this process and every subprocess the tests start (they inherit os.environ):
+# float sums split over a different number of threads differ in the last bits, and several tests
+# compare a subprocess's losses or sampled texts exactly with this process's (or another
+# subprocess's). torchrun ranks set 1 thread each explicitly. Set before torch is imported.
+THREADS = 2
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(THREADS)
+
+
+def check_reference(path: Path, got: dict) -> dict:
+    """The values stored at `path` (step -> value, or step -> {name: value}), checked to hold exactly
+    the steps (and names) of `got`. With LLAMA2_UPDATE_REFERENCE=1 it writes `got` there and fails
+    the run that did it: a regenerated reference is never also the one the run is checked against."""
+    got = {str(k): v for k, v in got.items()}
+    if os.environ.get("LLAMA2_UPDATE_REFERENCE"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(got, indent=1) + "\n")
+        pytest.fail(f"reference regenerated: {path} ({len(got)} steps); check the diff, commit it and rerun "
+                    "without LLAMA2_UPDATE_REFERENCE", pytrace=False)
+    ref = json.loads(path.read_text())
+    assert isinstance(ref, dict) and ref, f"{path}: empty reference"
+    assert sorted(ref, key=int) == sorted(got, key=int), f"{path}: steps {sorted(ref, key=int)}, run logged " \
+                                                         f"{sorted(got, key=int)}"
+    for step, values in got.items():
+        if isinstance(values, dict):
+            assert set(ref[step]) == set(values), (path, step, sorted(ref[step]), sorted(values))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """`check_reference` for the tests that compare with stored losses (tests/assets/losses/)."""
+    return check_reference
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "machine: measures the machine (allocator, profiler, timing); bounded "
+                                       "loosely, skipped where the machine does not show the measured effect")
 
 
 @pytest.fixture(scope="session")

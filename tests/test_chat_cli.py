@@ -54,3 +54,44 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert cli(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("llama2 generate: error:") and "no such file" in err and "Traceback" not in err
+
+
+def test_chat_turns_see_the_conversation_reset_forgets_and_system_sets(ckpt, capsys, monkeypatch):
+    """What each turn's prompt holds: turn 2 the first exchange, after /reset nothing before it, after
+    /system TEXT the <<SYS>> block with TEXT (and no earlier turn)."""
+    import llama2.chat
+    from llama2.chat_format import ChatFormat
+    from llama2.tokenizer import load_tokenizer
+
+    prompts, answers = [], []
+    real_generate = llama2.chat.Generator.generate
+
+    def recording_generate(self, batch, params, **kw):
+        prompts.append(list(batch[0]))
+        out = real_generate(self, batch, params, **kw)
+        answers.append(out[0].text.strip())
+        return out
+
+    monkeypatch.setattr(llama2.chat.Generator, "generate", recording_generate)
+    lines = "the llama\nthe sun\n/reset\nthe hills\n/system answer in numbers\nthe town\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert cli(["chat", "--model", str(ckpt), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert "system message set; conversation reset" in capsys.readouterr().err
+    assert len(prompts) == 4 and answers[0]  # an answer to carry into turn 2
+    fmt = ChatFormat(load_tokenizer(ckpt))
+
+    def user(text):
+        return {"role": "user", "content": text}
+
+    def assistant(text):
+        return {"role": "assistant", "content": text}
+
+    expected = [
+        [user("the llama")],
+        [user("the llama"), assistant(answers[0]), user("the sun")],  # turn 2 sees turn 1
+        [user("the hills")],  # /reset forgot both
+        [{"role": "system", "content": "answer in numbers"}, user("the town")],
+    ]
+    assert prompts == [fmt.prompt_ids(d) for d in expected]
+    text = load_tokenizer(ckpt).decode(prompts[3])
+    assert "<<SYS>>" in text and "answer in numbers" in text and "the hills" not in text

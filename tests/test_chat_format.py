@@ -58,7 +58,7 @@ def smollm(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def smollm_hf(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject: the test extra): missing is a failure, not a skip
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 

@@ -36,7 +36,21 @@ def test_config_loads(path):
     stage = config_key(path.relative_to(CONFIGS))
     assert stage in table, f"no recipe config class registered for configs/{stage}*"
     cfg = load_config(table[stage], path)
-    assert cfg is not None
+    assert isinstance(cfg, table[stage])
+    # every setting the file writes is the one the recipe gets (none dropped, renamed or coerced away)
+    import yaml
+
+    from llama2.config import to_dict
+
+    def same(written, got, where):
+        if isinstance(written, dict) and isinstance(got, dict):
+            for k, v in written.items():
+                assert k in got, f"{where}{k}: not in the loaded config"
+                same(v, got[k], f"{where}{k}.")
+        else:
+            assert got == written, f"{where.rstrip('.')}: the file says {written!r}, the recipe got {got!r}"
+
+    same(yaml.safe_load(path.read_text()) or {}, to_dict(cfg), "")
 
 
 def test_paper_hyperparameters_in_presets():

@@ -2,6 +2,7 @@
 and the configuration checked before any work starts."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,26 +37,73 @@ def run(out: Path, *extra: str, env: dict | None = None):
                            *REDUCED, *extra], env=e, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
+# Values that depend on the machine's speed, not on what was computed.
+VOLATILE = re.compile(r"time|seconds|per_s|mfu|elapsed|eta|memory|throughput")
+
+
+def _scrub(x, root: Path):
+    """`x` without machine-speed values, with paths made relative to the run's directory."""
+    if isinstance(x, dict):
+        return {k: _scrub(v, root) for k, v in x.items() if not VOLATILE.search(k)}
+    if isinstance(x, list):
+        return [_scrub(v, root) for v in x]
+    return x.replace(str(root), "RUN") if isinstance(x, str) else x
+
+
+def outcome(out: Path) -> dict[str, object]:
+    """Everything a run learned and decided: every stage's logged values by step (a resumed stage's
+    rows overwrite the ones it redid), the sampled pools and the summary."""
+    found = {}
+    for path in sorted(out.rglob("metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        found[str(path.relative_to(out))] = {r.get("step"): _scrub(r, out) for r in rows}
+    for path in sorted(out.rglob("pool/iter-*.jsonl")):
+        found[str(path.relative_to(out))] = path.read_text()
+    found["summary.json"] = _scrub(json.loads((out / "summary.json").read_text()), out)
+    return found
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_with_a_kill(tmp_path):
+def test_pipeline_end_to_end_with_kills_equals_an_uninterrupted_run(tmp_path):
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "run"
     killed = run(out, env={"LLAMA2_KILL_AT_STEP": "15"})  # pretraining dies after step 15 (checkpoint at 10)
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = json.loads((out / "state.json").read_text())
     assert list(state["done"]) == ["world"]
+    # resumed, and killed again later on: V1's rejection sampling after its first chunk of prompts
+    killed = run(out, env={"LLAMA2_KILL_AT_SAMPLE_CHUNK": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "stage 2/15: pretrain (resuming)" in killed.stdout
+    assert list(json.loads((out / "state.json").read_text())["done"]) == ["world", "pretrain", "sft", "v1.annotate",
+                                                                          "v1.reward"]
     resumed = run(out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stage 2/15: pretrain (resuming)" in resumed.stdout
+    assert "stage 6/15: v1.rejection_sampling (resuming)" in resumed.stdout
+    assert "1 of 2 chunks already sampled" in resumed.stderr
     state = json.loads((out / "state.json").read_text())
     cfg = load_config(PipelineConfig, TINY, [f"out_dir={out}"])
     assert list(state["done"]) == stage_names(cfg)
     steps = [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == list(range(1, 21))  # nothing lost, steps 11-15 redone after the kill
+    # the interrupted run learned, sampled, chose and evaluated exactly what the uninterrupted one did
+    got, expected = outcome(out), outcome(tmp_path / "full")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == expected[name], name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["versions"]) == {"v1", "v2"} and "final_vs_control" in summary
+    from llama2.recipes.evaluate import wilson_interval
+
     for judge in ("graders", "reward_models"):
         w = summary["versions"]["v2"]["win_rate_vs_sft"][judge]
-        assert w["wins"] + w["losses"] + w["ties"] == 64 and 0 <= w["ci95"][0] <= w["ci95"][1] <= 1
+        assert w["wins"] + w["losses"] + w["ties"] == 64
+        # the interval reported is the Wilson interval of wins among decided comparisons, around the rate
+        decided = w["wins"] + w["losses"]
+        assert w["ci95"] == pytest.approx(list(wilson_interval(w["wins"], decided)), abs=1e-9)
+        if decided:
+            assert w["win_rate"] == pytest.approx(w["wins"] / decided) and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
     assert (out / "report.html").stat().st_size > 10_000
     assert f"llama2 chat --model {summary['final_model']}" in resumed.stdout
     assert Path(summary["final_model"]).name == "final" and "ppo" in summary["final_model"]

@@ -3,6 +3,7 @@ end to end with kill-and-resume of its sampling stage."""
 import io
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -304,7 +305,10 @@ def test_tiny_recipe_runs_end_to_end(finished_run, world_dir, tiny_policy, monke
     for s in stats:
         assert s["samples"]["n"] == 24 * 3 and s["prompts"] == 24
         assert s["samples"]["mean"] <= s["best_of_k"]["mean"] <= s["selected"]["mean"] + 1e-9
-        assert 0 <= s["samples"]["used_safety"] <= 1 and s["seconds"]["sampling"] > 0
+        assert 0 <= s["samples"]["used_safety"] <= 1
+        # where the time went, per phase (durations themselves depend on the machine)
+        assert set(s["seconds"]) == {"tuning", "sampling", "scoring", "fine_tuning"}
+        assert all(math.isfinite(v) and v >= 0 for v in s["seconds"].values())
     assert stats[1]["policy"] == str(out / "iter-1" / "sft" / "final")  # iteration 2 samples the new model
     pool1, pool2 = (
         [json.loads(x) for x in (out / "pool" / f"iter-{i}.jsonl").read_text().splitlines()] for i in (1, 2))

@@ -157,15 +157,14 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_recipe_learns_and_matches_reference(world_dir, base_model, tmp_path, monkeypatch):
+def test_recipe_learns_and_matches_reference(world_dir, base_model, tmp_path, monkeypatch, reference):
     monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
     main(load_config(SFTConfig, None, sft_overrides(world_dir, base_model, tmp_path / "run", ckpt_every=0)))
     got = losses(tmp_path / "run")
     last = max(got)
     assert last >= 8 and got[last] < got[1] - 0.5
-    if os.environ.get("LLAMA2_UPDATE_REFERENCE"):
-        REFERENCE.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
-    ref = {int(k): v for k, v in json.loads(REFERENCE.read_text()).items()}
+    # Silent numerical changes show up here; regenerate deliberately with LLAMA2_UPDATE_REFERENCE=1.
+    ref = {int(k): v for k, v in reference(REFERENCE, got).items()}  # every logged step, no more
     assert all(abs(got[s] - ref[s]) < 2e-3 for s in ref), {s: (got[s], ref[s]) for s in ref}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_loss" in rows[-1]

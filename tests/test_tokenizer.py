@@ -51,7 +51,7 @@ def smollm(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def smollm_hf(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject: the test extra): missing is a failure, not a skip
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
@@ -233,7 +233,7 @@ def test_smollm_isolates_every_numeric_character(smollm):
 
 
 def test_gguf_tokenizer_saves_as_tokenizer_json(smollm, smollm_hf, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject: the test extra): missing is a failure, not a skip
     smollm.save(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
     again = load_tokenizer(tmp_path)
@@ -297,7 +297,7 @@ def test_llama_gguf_matches_sentencepiece(sp, tmp_path):
 def test_byte_level_pre_tokenizers_match_transformers(pre, tmp_path):
     """A small byte-level BPE vocabulary stored under each pre-tokenizer name: our rebuilt
     tokenizer must split and merge like transformers' GGUF loader."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject: the test extra): missing is a failure, not a skip
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
