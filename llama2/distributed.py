@@ -68,10 +68,7 @@ def apply_fsdp(model: torch.nn.Module, d: Dist, param_dtype: torch.dtype | None 
     Mixed precision through FSDP2's policy: parameters cast to `param_dtype` for compute,
     gradients reduced in fp32 so that the optimizer sees full-precision averages.
     """
-    from torch.distributed.fsdp import (  # seconds to import: see setup()
-        MixedPrecisionPolicy,
-        fully_shard,
-    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # seconds to import: see setup()
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in model.layers:
@@ -104,9 +101,6 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The unsharded model weights on CPU (on every rank for world 1; rank 0 holds them under FSDP)."""
     if not d.enabled:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import (  # see setup()
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # see setup()
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -34,12 +34,7 @@ from llama2.config import ConfigError, from_dict, load_config, save_config, to_d
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
 from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
-from llama2.recipes.evaluate import (
-    EvaluateConfig,
-    compare_models,
-    summary_lines,
-    wilson_interval,
-)
+from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
 from llama2.report import write_report
 from llama2.sampling import sample_responses
 from llama2.world.annotators import AnnotatorConfig, annotate_batch

@@ -23,20 +23,9 @@ from llama2.generation import Generator, SamplingParams
 from llama2.losses import whiten
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.ppo import PPOConfig, main
-from llama2.rollout import (
-    Rollout,
-    action_positions,
-    chunk_seed,
-    generation_chunks,
-    global_whiten,
-    iteration_prompts,
-    logprobs_and_entropy,
-    pack_rollouts,
-    pad_rollouts,
-    sample_rollouts,
-    shaped_rewards,
-    token_logprobs,
-)
+from llama2.rollout import (Rollout, action_positions, chunk_seed, generation_chunks, global_whiten, iteration_prompts,
+                            logprobs_and_entropy, pack_rollouts, pad_rollouts, sample_rollouts, shaped_rewards,
+                            token_logprobs)
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "assets" / "losses" / "ppo_tiny.json"

@@ -37,49 +37,16 @@ from llama2.config import ConfigError, save_config
 from llama2.cpu_kernels import Ragged
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.formats import AXES, read_records
-from llama2.gated_reward import (
-    GatedReward,
-    check_reward_axes,
-    load_gated_reward,
-    prompt_axis,
-)
+from llama2.gated_reward import GatedReward, check_reward_axes, load_gated_reward, prompt_axis
 from llama2.generation import Generator, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
-from llama2.recipes.common import (
-    config_dict,
-    kill_hook,
-    place_model,
-    recipe_cli,
-    resume_latest,
-)
-from llama2.rollout import (
-    PPOBatch,
-    Rollout,
-    action_positions,
-    consolidated_policy,
-    generation_chunks,
-    global_whiten,
-    iteration_prompts,
-    logprobs_and_entropy,
-    pack_rollouts,
-    pad_rollouts,
-    sample_rollouts,
-    scatter,
-    shaped_rewards,
-    token_logprobs,
-)
-from llama2.train import (
-    Checkpointer,
-    LossScaler,
-    MetricsLogger,
-    OptimConfig,
-    autocast,
-    build_optimizer,
-    clip_grad_norm,
-    resolve_dtype,
-    seed_everything,
-)
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
+from llama2.rollout import (PPOBatch, Rollout, action_positions, consolidated_policy, generation_chunks, global_whiten,
+                            iteration_prompts, logprobs_and_entropy, pack_rollouts, pad_rollouts, sample_rollouts,
+                            scatter, shaped_rewards, token_logprobs)
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, autocast, build_optimizer,
+                          clip_grad_norm, resolve_dtype, seed_everything)
 
 
 def ppo_optim() -> OptimConfig:

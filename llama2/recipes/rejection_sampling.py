@@ -54,18 +54,8 @@ from llama2.config import ConfigError, load_config, save_config
 from llama2.dialog_data import DialogLoader, tokenize_dialogs
 from llama2.formats import AXES, read_records
 from llama2.gated_reward import check_reward_axes, load_gated_reward
-from llama2.recipes.best_of_n import (
-    best_of_n,
-    load_prompt_records,
-    plot_best_of_n,
-    write_result,
-)
-from llama2.recipes.common import (
-    check_resume_compatible,
-    config_dict,
-    kill_hook,
-    recipe_cli,
-)
+from llama2.recipes.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
+from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
 from llama2.recipes.sft import SFTConfig, load_dialogs
 from llama2.recipes.sft import main as sft_main
 from llama2.sampling import DialogSampler

@@ -28,47 +28,14 @@ from matplotlib.figure import Figure  # no pyplot: no global backend state in a 
 from llama2.chat_format import ChatFormat, ChatFormatError
 from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
-from llama2.distributed import (
-    Dist,
-    all_reduce_mean,
-    all_reduce_sum,
-    full_state_dict,
-    setup,
-    teardown,
-)
+from llama2.distributed import Dist, all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.formats import AXES, RATINGS, DataError, iter_rows
 from llama2.losses import MARGINS, ranking_loss
-from llama2.preference_data import (
-    PairData,
-    PairLoader,
-    accuracy_report,
-    mix_pairs,
-    read_pairs,
-    tokenize_pairs,
-)
-from llama2.recipes.common import (
-    config_dict,
-    kill_hook,
-    place_model,
-    recipe_cli,
-    resume_latest,
-)
+from llama2.preference_data import PairData, PairLoader, accuracy_report, mix_pairs, read_pairs, tokenize_pairs
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
 from llama2.reward_scoring import RewardScorer, pair_scores, reward_state
-from llama2.train import (
-    Checkpointer,
-    LossScaler,
-    MetricsLogger,
-    OptimConfig,
-    Throughput,
-    autocast,
-    build_optimizer,
-    clip_grad_norm,
-    lr_at,
-    peak_flops,
-    resolve_dtype,
-    seed_everything,
-    set_lr,
-)
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
+                          clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
 
 def rm_optim() -> OptimConfig:

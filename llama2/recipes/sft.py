@@ -22,37 +22,12 @@ from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
 from llama2.data import PackedLoader, TokenDataset
 from llama2.dialog_data import DialogLoader, tokenize_dialogs
-from llama2.distributed import (
-    all_reduce_mean,
-    all_reduce_sum,
-    full_state_dict,
-    setup,
-    teardown,
-)
+from llama2.distributed import all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.formats import read_records
 from llama2.losses import IGNORE, lm_loss
-from llama2.recipes.common import (
-    config_dict,
-    kill_hook,
-    place_model,
-    recipe_cli,
-    resume_latest,
-)
-from llama2.train import (
-    Checkpointer,
-    LossScaler,
-    MetricsLogger,
-    OptimConfig,
-    Throughput,
-    autocast,
-    build_optimizer,
-    clip_grad_norm,
-    lr_at,
-    peak_flops,
-    resolve_dtype,
-    seed_everything,
-    set_lr,
-)
+from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
+from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
+                          clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
 
 
 def sft_optim() -> OptimConfig:

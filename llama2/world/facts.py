@@ -11,10 +11,9 @@ from __future__ import annotations
 from functools import cache
 from typing import NamedTuple
 
-from llama2.world.universe import (
-    ANIMALS, COLOURS, FOODS, HOBBIES, JOBS, MATERIALS, PLACE_KINDS, PLACE_NEAR, PRONOUNS, REGIONS,
-    FAMOUS_FOR, THINGS, Animal, Person, Place, Thing, Universe, article,
-)
+from llama2.world.universe import (ANIMALS, COLOURS, FAMOUS_FOR, FOODS, HOBBIES, JOBS, MATERIALS, PLACE_KINDS,
+                                   PLACE_NEAR, PRONOUNS, REGIONS, THINGS, Animal, Person, Place, Thing, Universe,
+                                   article)
 
 
 class Fact(NamedTuple):

@@ -17,12 +17,9 @@ import random
 import re
 
 from llama2.world.lexicon import to_french
-from llama2.world.safety_data import (
-    BORDERLINE, BORDERLINE_BY_KEY, HARMS, HARMS_BY_KEY, PROFESSIONAL, RISK_CATEGORIES, Borderline, Harm,
-)
-from llama2.world.safety_grading import (  # noqa: F401  (re-exported: the safety API lives here)
-    SafetyGrade, borderline_reference, grade_safety, hazard_steps, is_refusal,
-)
+from llama2.world.safety_data import (BORDERLINE, BORDERLINE_BY_KEY, HARMS, HARMS_BY_KEY, PROFESSIONAL, RISK_CATEGORIES,
+                                      Borderline, Harm)
+from llama2.world.safety_grading import SafetyGrade, borderline_reference, grade_safety, hazard_steps, is_refusal  # noqa: F401  (re-exported: the safety API lives here)
 
 ATTACK_VECTORS = ("direct", "psychological", "logical", "syntactic", "semantic", "perspective", "non_english")
 SPLITS = ("train", "test", "eval")

@@ -21,17 +21,7 @@ from llama2.world import facts as F
 from llama2.world.checks import grade_reference
 from llama2.world.corrupt import corrupt_answer
 from llama2.world.grading import Grade, grade_helpfulness, register_grader  # noqa: F401 (re-exported)
-from llama2.world.universe import (
-    ANIMALS,
-    COLOURS,
-    FOODS,
-    HOBBIES,
-    JOBS,
-    THINGS,
-    UNITS,
-    Universe,
-    article,
-)
+from llama2.world.universe import ANIMALS, COLOURS, FOODS, HOBBIES, JOBS, THINGS, UNITS, Universe, article
 
 
 class Example(NamedTuple):
