@@ -38,8 +38,8 @@ def prepare(work: Path, batch: int, steps: int) -> dict:
     from llama2.losses import MARGINS
     from llama2.model import preset
     from llama2.recipes.common import build_fresh_model
-    from llama2.reward import PairLoader, mix_pairs, pad_token_id, read_pairs, tokenize_pairs
-    from llama2.tokenizer import train_sentencepiece
+    from llama2.reward import PairLoader, mix_pairs, read_pairs, tokenize_pairs
+    from llama2.tokenizer import pad_token_id, train_sentencepiece
     from llama2.world.generate import generate_world
 
     prefs = work / "world" / "preferences" / "offline_train.jsonl"

@@ -436,7 +436,7 @@ def hf_config(args: ModelArgs, tokenizer=None, dtype: torch.dtype = torch.float3
         # at the rightmost token that is not padding, which must be the answer's EOS/end of turn.
         cfg.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type="regression")
         if tokenizer is not None:
-            from llama2.reward import pad_token_id
+            from llama2.tokenizer import pad_token_id
 
             cfg["pad_token_id"] = pad_token_id(tokenizer)
     return cfg

@@ -304,18 +304,6 @@ class RewardScorer:
         return torch.sigmoid(self.score(dialogs, responses))
 
 
-def pad_token_id(tokenizer) -> int:
-    """A padding id that never occurs in a rendered dialog: the tokenizer's pad token unless it
-    doubles as BOS/EOS/end-of-turn, else <unk> (SentencePiece with byte fallback never emits it).
-    Hugging Face's sequence classifier reads the score at the last non-pad token, so the pad id
-    must not be a token the sequence ends with."""
-    used = {tokenizer.bos_id, tokenizer.eos_id, *tokenizer.stop_ids}
-    for candidate in (tokenizer.pad_id, tokenizer.unk_id):
-        if candidate is not None and candidate not in used:
-            return candidate
-    raise ValueError("the tokenizer has no pad or unk token distinct from BOS/EOS/end-of-turn to pad with")
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
