@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 def prepare(work: Path, batch: int, steps: int) -> dict:
     """World, tokenizer, the tiny RM (native + HF) and the pairs of the first `steps` batches in our order."""
     from llama2.chat_format import ChatFormat
-    from llama2.checkpoint import save_hf, save_native
+    from llama2.checkpoint import save_native
+    from llama2.hf_checkpoint import save_hf
     from llama2.losses import MARGINS
     from llama2.model import preset
     from llama2.recipes.common import build_fresh_model

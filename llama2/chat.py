@@ -25,7 +25,8 @@ def cache_dir() -> Path:
 
 def default_model() -> Path:
     """The bundled SmolLM2 model as a native checkpoint in the cache (converted on first use)."""
-    from llama2.checkpoint import read_gguf, save_native
+    from llama2.checkpoint import save_native
+    from llama2.gguf_checkpoint import read_gguf
     from llama2.paths import smollm2_gguf
 
     out = cache_dir() / "models" / "smollm2-135m-instruct"

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
+from llama2.checkpoint import build_model, read_checkpoint
+from llama2.checkpoint_base import CheckpointError
 from llama2.losses import RATINGS
 from llama2.model import ModelArgs, Ragged, Transformer
 from llama2.world.formats import AXES, DataError, iter_rows, validate_file
@@ -253,8 +255,6 @@ class RewardScorer:
     def __init__(self, model: Transformer | str | Path, tokenizer=None, batch_size: int = 32,
                  device: str | torch.device = "cpu", chat_format: str = "auto", dtype: torch.dtype = torch.float32):
         if isinstance(model, (str, Path)):
-            from llama2.checkpoint import CheckpointError, build_model, read_checkpoint
-
             ck = read_checkpoint(model)
             if ck.args.head != "scalar":
                 raise CheckpointError(f"{model}: not a reward model (its head is {ck.args.head!r}); "

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama2.checkpoint import (CheckpointError, detect_format, hf_to_meta_qk, load_model, meta_to_hf_qk,
-                               read_checkpoint, save_hf, save_native)
+from llama2.checkpoint import detect_format, load_model, read_checkpoint, save_native
+from llama2.checkpoint_base import CheckpointError
 from llama2.cli import main as cli
+from llama2.hf_checkpoint import hf_to_meta_qk, meta_to_hf_qk, save_hf
 from llama2.model import ModelArgs, Transformer
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
+from llama2.hf_checkpoint import meta_to_hf_name, meta_to_hf_qk
 from llama2.model import KVCache, ModelArgs, PRESETS, Ragged, Transformer, meta_ffn_hidden_dim, preset
 
 CONFIGS = {

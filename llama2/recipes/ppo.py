@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
+from llama2.checkpoint import build_model, read_checkpoint, save_native
+from llama2.checkpoint_base import CheckpointError
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.generation import Generator, SamplingParams
