@@ -3,17 +3,21 @@ one per model-parallel rank, with tokenizer.model beside them or in the parent f
 
 Meta's parameter names are ours (llama2.model follows the reference code), and so is its rotary
 layout (q/k rows interleaved as pairs), so no tensor is renamed or permuted either way.
+`save_meta` writes one shard (model parallel 1) as a plain state dict, which
+`torch.load(weights_only=True)` reads.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
-from llama2.checkpoint_base import CheckpointError, Loaded
-from llama2.model import ModelArgs
+from llama2.checkpoint_base import CheckpointError, Loaded, atomic_dir, commit_dir, unique_tensors
+from llama2.model import ModelArgs, meta_ffn_hidden_dim
+from llama2.tokenizer import Tokenizer
 
 # How Meta's model-parallel shards split each tensor (fairscale Column/RowParallelLinear,
 # ParallelEmbedding): the dimension to concatenate along, or None for replicated tensors.
@@ -78,7 +82,54 @@ def read_meta(path: Path) -> Loaded:
         )
     except KeyError as e:
         raise CheckpointError(f"{params_file}: missing field {e.args[0]!r}") from None
-    # Meta releases keep tokenizer.model beside the checkpoint folder or inside it.
+    # Meta releases keep tokenizer.model beside the checkpoint folder or inside it; `save_meta`
+    # writes a model's non-SentencePiece tokenizer as tokenizer.json inside it.
     tok = next((d / "tokenizer.model" for d in (path, path.parent) if (d / "tokenizer.model").is_file()), None)
+    if tok is None and (path / "tokenizer.json").is_file():
+        tok = path
     return Loaded(args, state, tok, str(path), "meta", {})
 
+
+def meta_params(args: ModelArgs) -> dict:
+    """params.json for `args`, with the `multiple_of` / `ffn_dim_multiplier` from which Meta's
+    reference code computes the SwiGLU width `hidden_dim`."""
+    if args.head != "lm":
+        raise CheckpointError("Meta's format holds language models only; write a reward model as native or hf")
+    if args.head_dim != args.dim // args.n_heads:
+        raise CheckpointError(f"head_dim={args.head_dim} is not dim // n_heads, which Meta's format assumes")
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": 256, "ffn_dim_multiplier": None,
+              "norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len}
+    if meta_ffn_hidden_dim(args.dim) != args.hidden_dim:
+        # A multiplier with multiple_of 1 reproduces any width (the half keeps the float product
+        # from landing just below it before Meta's int() truncates).
+        base = int(2 * 4 * args.dim / 3)
+        params.update(multiple_of=1, ffn_dim_multiplier=(args.hidden_dim + 0.5) / base)
+        assert meta_ffn_hidden_dim(args.dim, 1, params["ffn_dim_multiplier"]) == args.hidden_dim
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def save_meta(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], tokenizer: Tokenizer | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+    """Export to Meta's format: params.json + consolidated.00.pth (+ the tokenizer's own files).
+
+    Meta's models never tie the output matrix to the embedding, so a tied model is written with
+    an output.weight equal to its embedding (and reads back untied).
+    """
+    out_dir = Path(out_dir)
+    params = meta_params(args)
+    state = unique_tensors(state, args)
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    state = {k: (t.to(dtype) if dtype else t).cpu() for k, t in state.items()}
+    tmp = atomic_dir(out_dir)
+    try:
+        torch.save(state, tmp / "consolidated.00.pth")
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
