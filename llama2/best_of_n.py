@@ -194,7 +194,7 @@ def load_prompt_records(paths: list[str], split: str | None, max_prompts: int, s
 
 
 def cli(argv: list[str]) -> int:
-    from llama2.chat import load_for_inference
+    from llama2.inference import load_for_inference
     from llama2.rlhf_reward import load_gated_reward
     from llama2.sampling import DialogSampler
 

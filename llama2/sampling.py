@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llama2.chat_format import ChatFormat
 from llama2.generation import Completion, Generator, SamplingParams
+from llama2.inference import load_for_inference
 
 
 class DialogSampler:
@@ -56,7 +57,5 @@ def sample_responses(model_path: str | Path, records: list[dict], temperature: f
 @functools.lru_cache(maxsize=2)
 def _cached_sampler(model_path: str) -> DialogSampler:
     """Annotation samples each (policy, temperature) arm separately: load each policy once."""
-    from llama2.chat import load_for_inference
-
     model, tok = load_for_inference(model_path)
     return DialogSampler(model, tok)

@@ -96,7 +96,7 @@ def answer(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[st
 
 
 def _sample_answers(model_path: str, records: list[dict], cfg: EvaluateConfig) -> list[str]:
-    from llama2.chat import load_for_inference
+    from llama2.inference import load_for_inference
     from llama2.sampling import DialogSampler
 
     model, tok = load_for_inference(model_path)

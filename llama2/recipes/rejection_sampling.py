@@ -329,8 +329,8 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     from tqdm import tqdm
 
     from llama2.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
-    from llama2.chat import load_for_inference
     from llama2.checkpoint import detect_format
+    from llama2.inference import load_for_inference
     from llama2.recipes.sft import main as sft_main
     from llama2.rlhf_reward import load_gated_reward
     from llama2.sampling import DialogSampler
