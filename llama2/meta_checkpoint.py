@@ -119,8 +119,8 @@ def save_meta(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tenso
     out_dir = Path(out_dir)
     params = meta_params(args)
     state = unique_tensors(state, args)
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+    if args.tie_embeddings:  # a copy: two names for one storage would be loaded as a tied pair again
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
     state = {k: (t.to(dtype) if dtype else t).cpu() for k, t in state.items()}
     tmp = atomic_dir(out_dir)
     try:
