@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
     "rlhf": ("llama2.recipes.rlhf:cli", "RLHF: rejection-sampling, best-of-n, ppo"),
-    "data": ("llama2.data:data_cli", "data tools: pretokenize, info, validate"),
+    "data": ("llama2.data_cli:data_cli", "data tools: pretokenize, info, validate"),
     "pipeline": ("llama2.recipes.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "evaluate": ("llama2.recipes.evaluate:cli", "win rates, violation and false-refusal rates (§3.4, §4.4)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),

@@ -67,7 +67,7 @@ class PretrainConfig:
 
 def prepare_data(cfg: PretrainConfig, d, vocab_size: int) -> tuple[Path, Path]:
     """(tokenizer path, token dataset dir); rank 0 builds what is missing, the others wait."""
-    from llama2.data import pretokenize
+    from llama2.pretokenize import pretokenize
 
     out = Path(cfg.out_dir)
     dc = cfg.data
