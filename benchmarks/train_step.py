@@ -35,7 +35,7 @@ the datasheet dense peak (`llama2.train.peak_flops`).
 With --dtype bfloat16 both models' weights, activations and optimizer states are bf16 (no master
 copy): a throughput measurement, not a training recipe. The GPU path has not been run yet (no GPU
 has been lent to this project's benchmark work so far); `benchmarks/gpu_check.sh` runs it with the
-other GPU checks of issue 3.
+other GPU checks.
 """
 from __future__ import annotations
 

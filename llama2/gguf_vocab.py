@@ -6,7 +6,7 @@ original: GPT-2-style byte-level BPE (`tokenizer.ggml.model == "gpt2"`, e.g. Smo
 SentencePiece BPE with byte fallback (`"llama"`, Llama 2's own GGUFs).
 
 `gguf` is imported inside the two functions that read a file: it brings numpy with it, which
-would roughly triple the import time of `llama2.tokenizer` (and of `llama2 tokenize`) for
+would more than double the import time of `llama2.tokenizer` (and of `llama2 tokenize`) for
 users whose tokenizer is not a GGUF.
 """
 from __future__ import annotations
