@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llama2.data import PackedLoader, TokenDataset, pretokenize
+from llama2.data import PackedLoader, TokenDataset
+from llama2.pretokenize import pretokenize
 
 
 def build_corpus(path: Path, megabytes: float) -> int:

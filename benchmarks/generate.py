@@ -49,7 +49,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llama2.checkpoint import build_model, read_gguf
+    from llama2.checkpoint import build_model
+    from llama2.gguf_checkpoint import read_gguf
     from llama2.generation import Generator, SamplingParams
     from llama2.paths import smollm2_gguf
 

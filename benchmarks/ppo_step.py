@@ -51,7 +51,8 @@ def prepare(work: Path, n_prompts: int, max_prompt_tokens: int) -> dict:
     import torch
 
     from llama2.chat_format import ChatFormat
-    from llama2.checkpoint import save_hf, save_native
+    from llama2.checkpoint import save_native
+    from llama2.hf_checkpoint import save_hf
     from llama2.model import Transformer, preset
     from llama2.tokenizer import load_tokenizer, train_sentencepiece
     from llama2.formats import read_records, write_jsonl

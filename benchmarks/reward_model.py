@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 def prepare(work: Path, batch: int, steps: int) -> dict:
     """World, tokenizer, the tiny RM (native + HF) and the pairs of the first `steps` batches in our order."""
     from llama2.chat_format import ChatFormat
-    from llama2.checkpoint import save_hf, save_native
+    from llama2.checkpoint import save_native
+    from llama2.hf_checkpoint import save_hf
     from llama2.losses import MARGINS
     from llama2.model import preset
     from llama2.recipes.common import build_fresh_model
     from llama2.preference_data import PairLoader, mix_pairs, read_pairs, tokenize_pairs
-    from llama2.tokenizer import pad_token_id
-    from llama2.tokenizer import train_sentencepiece
+    from llama2.tokenizer import pad_token_id, train_sentencepiece
     from llama2.world.generate import generate_world
 
     prefs = work / "world" / "preferences" / "offline_train.jsonl"

@@ -84,7 +84,8 @@ def recipe_loader(examples, seq_len: int, batch: int, pad_id: int):
 def prepare(work: Path, a) -> dict:
     """World, tokenizer, the tiny LM (native + HF) and the rows of the first `steps` steps in our order."""
     from llama2.chat_format import ChatFormat
-    from llama2.checkpoint import save_hf, save_native
+    from llama2.checkpoint import save_native
+    from llama2.hf_checkpoint import save_hf
     from llama2.dialog_data import tokenize_dialogs
     from llama2.model import preset
     from llama2.recipes.common import build_fresh_model

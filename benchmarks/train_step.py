@@ -66,7 +66,7 @@ def hf_twin(model: Transformer, dtype: torch.dtype):
     """A LlamaForCausalLM with the same config and weights (q/k rows permuted to HF's rotary layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
+    from llama2.hf_checkpoint import meta_to_hf_name, meta_to_hf_qk
 
     a = model.args
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,

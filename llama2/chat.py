@@ -1,60 +1,19 @@
 """`llama2 chat` and `llama2 generate`: talk to any checkpoint from the terminal.
 
 The model may be a native directory, a Hugging Face directory, a Meta directory or a .gguf file;
-with no `--model`, the bundled SmolLM2-135M-Instruct is used (converted once to our native format
-in the cache, so later starts skip the GGUF dequantisation).
+with no `--model`, the bundled SmolLM2-135M-Instruct is used (see `llama2.inference`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
-from llama2.checkpoint import load_model, read_gguf, save_native
-from llama2.generation import GenerationStats, Generator, SamplingParams
-from llama2.paths import smollm2_gguf
+from llama2.generation import Generator, GenerationStats, SamplingParams
+from llama2.inference import load_for_inference
 from llama2.tokenizer import StreamDecoder
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLAMA2_HOME", Path.home() / ".cache" / "llama2"))
-
-
-def default_model() -> Path:
-    """The bundled SmolLM2 model as a native checkpoint in the cache (converted on first use)."""
-    out = cache_dir() / "models" / "smollm2-135m-instruct"
-    if not (out / "model.json").is_file():
-        src = smollm2_gguf()
-        print(f"[llama2] converting {src.name} to {out} (once)", file=sys.stderr)
-        ck = read_gguf(src)
-        save_native(out, ck.state, ck.args, ck.tokenizer(), meta={"converted_from": {"format": "gguf", "path": str(src)}})
-    return out
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) ready for generation; refuses a checkpoint without a tokenizer."""
-    path = Path(model) if model else default_model()
-    dev = pick_device(device)
-    if dtype == "auto":
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    else:
-        dt = getattr(torch, dtype)
-    net, tok = load_model(path, device=dev, dtype=dt)
-    if tok is None:
-        raise ValueError(f"{path}: the checkpoint has no tokenizer (tokenizer.model / tokenizer.json)")
-    return net, tok
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -13,16 +13,11 @@ learns to continue the very tokens it will see at inference.
 """
 from __future__ import annotations
 
-import functools
-import json
-from datetime import datetime
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import Literal, TypedDict
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-if TYPE_CHECKING:
-    from llama2.tokenizer import Tokenizer
+from llama2 import chat_template
+from llama2.chat_template import ChatTemplateError
+from llama2.tokenizer import Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -45,37 +40,12 @@ class ChatFormatError(ValueError):
     """A dialog that cannot be formatted; the message says which message and what is wrong."""
 
 
-# -- Jinja templates (the transformers convention) ------------------------------------------------
-def _raise(message: str):
-    raise ChatFormatError(f"the chat template refused the dialog: {message}")
-
-
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template: str):
-    # A template comes with a downloaded model: run it sandboxed, with the options and helpers
-    # transformers gives templates (they are written against those).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise ChatFormatError(f"invalid chat template: {e}") from None
-
-
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
     """Render a Jinja chat template like transformers' apply_chat_template(tokenize=False)."""
     try:
-        return _compile(template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
-        )
-    except TemplateError as e:
-        raise ChatFormatError(f"the chat template failed: {e}") from None
+        return chat_template.render(template, messages, add_generation_prompt, variables)
+    except ChatTemplateError as e:
+        raise ChatFormatError(str(e)) from None
 
 
 # -- the format -----------------------------------------------------------------------------------

@@ -24,15 +24,15 @@ RLHF: Table = {
 }
 DATA: Table = {
     "validate": ("llama2.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
-    "pretokenize": ("llama2.data:pretokenize_cli", "tokenize a corpus into token shards + manifest"),
-    "info": ("llama2.data:info_cli", "summarise a pretokenized dataset"),
+    "pretokenize": ("llama2.data_cli:pretokenize_cli", "tokenize a corpus into token shards + manifest"),
+    "info": ("llama2.data_cli:info_cli", "summarise a pretokenized dataset"),
 }
 COMMANDS: Table = {
     "chat": ("llama2.chat:cli", "chat with a model in the terminal (streaming, multi-turn, /reset)"),
     "generate": ("llama2.chat:generate_cli", "complete one prompt and print it (or --json)"),
-    "tokenize": ("llama2.tokenizer:tokenize_cli", "print the token ids of a text or a chat dialog"),
-    "tokenizer": ("llama2.tokenizer:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
-    "convert": ("llama2.checkpoint:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
+    "tokenize": ("llama2.tokenizer_cli:tokenize_cli", "print the token ids of a text or a chat dialog"),
+    "tokenizer": ("llama2.tokenizer_cli:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
+    "convert": ("llama2.convert:convert_cli", "convert checkpoints between native, HF, Meta and GGUF"),
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
     "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
-from llama2.checkpoint import CheckpointError, build_model, read_checkpoint
+from llama2.checkpoint import build_model, read_checkpoint
+from llama2.checkpoint_base import CheckpointError
 from llama2.cpu_kernels import Ragged
 from llama2.model import ModelArgs, Transformer
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from llama2.chat import load_for_inference
+from llama2.inference import load_for_inference
 from llama2.chat_format import ChatFormat
 from llama2.generation import Completion, Generator, SamplingParams
 

@@ -3,7 +3,7 @@
 Llama 2's own tokenizer is a SentencePiece BPE model with 32k pieces, every number split into
 single digits and unknown UTF-8 characters decomposed into byte pieces; `<unk>`=0, `<s>`=1,
 `</s>`=2. Models we import bring their own: a Hugging Face `tokenizer.json`, or the vocabulary a
-GGUF file embeds as metadata (rebuilt here as a `tokenizers.Tokenizer`).
+GGUF file embeds as metadata (rebuilt as a `tokenizers.Tokenizer` by `llama2.gguf_vocab`).
 
 One safety rule holds for every backend: `encode` never turns text into a control token. A user
 who types "<|im_start|>" or "</s>" gets those characters as plain text, so nobody can forge a
@@ -12,42 +12,20 @@ template, asks for special-token strings to be read as tokens (`encode_special`)
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from llama2.chat_template import end_of_turn
+from llama2.gguf_vocab import gguf_vocabulary
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the template beside the config
-
-# llama.cpp's token types (`tokenizer.ggml.token_type`).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# How text is cut into words before byte-level BPE. GPT-2's rule (contractions, letters, numbers,
-# other symbols, each with one leading space) is built into `tokenizers`' ByteLevel pre-tokenizer.
-# Llama 3 groups digits by three and keeps newlines apart; Qwen2 splits digits one by one.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# `tokenizer.ggml.pre` -> how text is split before byte-level BPE, following llama.cpp's table.
-# "smollm" (and the StarCoder family) isolate every numeric character, then split like GPT-2.
-_GPT2_PRE = {"gpt2", "mpt", "olmo"}
-_DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell"}
-_LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
-_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
-GGUF_PRE_TYPES = sorted(_GPT2_PRE | _DIGITS_PRE | _LLAMA3_PRE | _QWEN2_PRE)
 
 # Used only when a bare tokenizer.json comes without tokenizer_config.json to name its specials.
 _GUESS = {
@@ -132,28 +110,11 @@ class Tokenizer:
         return ids
 
     def _end_of_turn_id(self) -> int | None:
-        """The special token the chat template writes right after an assistant answer, if any.
-
-        Found by rendering a probe dialog rather than by a list of names, so any template works:
-        ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Llama 2's </s>.
-        """
+        """The special token the chat template writes right after an assistant answer, if any."""
         if not self.chat_template or not self.special_tokens:
             return None
-        from llama2.chat_format import render_template
-
-        marker = "llama2-answer-probe"
-        dialog = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
-        try:
-            text = render_template(self.chat_template, dialog, False, self.template_variables())
-        except Exception:  # a template that refuses this dialog says nothing about its end token
-            return None
-        if marker not in text:
-            return None
-        after = text[text.rindex(marker) + len(marker) :].lstrip()
-        for name in sorted(self.special_tokens, key=len, reverse=True):
-            if after.startswith(name):
-                return self.piece_to_id(name)
-        return None
+        name = end_of_turn(self.chat_template, self.special_tokens, self.template_variables())
+        return None if name is None else self.piece_to_id(name)
 
     def template_variables(self) -> dict[str, str | None]:
         """The special-token strings transformers passes to a chat template."""
@@ -379,195 +340,22 @@ def _load_hf(file: Path) -> HFTokenizer:
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
-def _gguf_metadata(reader) -> dict:
-    """The tokenizer.* metadata of a GGUF file as plain Python values."""
-    from gguf import GGUFValueType
-
-    meta = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        # Each value lives in `field.parts[i]` for i in `field.data`; strings are raw UTF-8 bytes.
-        if kind == GGUFValueType.ARRAY:
-            if field.types[-1] == GGUFValueType.STRING:
-                meta[key] = [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
-            else:
-                meta[key] = [field.parts[i][0].item() for i in field.data]
-        elif kind == GGUFValueType.STRING:
-            meta[key] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-        else:
-            meta[key] = field.parts[field.data[0]][0].item()
-    return meta
-
-
 def tokenizer_from_gguf(source) -> HFTokenizer:
     """The tokenizer embedded in a GGUF file (a path, or a `gguf.GGUFReader` already open: reading
     a GGUF's header takes seconds, so a checkpoint loader can share its reader)."""
-    from gguf import GGUFReader
-
-    if isinstance(source, GGUFReader):
-        reader, path = source, Path(str(getattr(source.data, "filename", "model.gguf")))
-    else:
-        path = Path(source)
-        try:
-            reader = GGUFReader(str(path))
-        except Exception as e:  # gguf raises ValueError/struct.error/... on damaged files
-            raise ValueError(f"{path}: cannot read GGUF ({e})") from None
-    meta = _gguf_metadata(reader)
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if kind is None or tokens is None:
-        raise ValueError(f"{path}: this GGUF carries no tokenizer (tokenizer.ggml.model/tokens)")
-    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    if kind == "gpt2":
-        tk = _byte_level_bpe(path, tokens, types, meta)
-    elif kind == "llama":
-        tk = _sentencepiece_bpe(path, tokens, types, meta)
-    else:
-        raise ValueError(
-            f"{path}: tokenizer.ggml.model {kind!r} is not supported "
-            "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
-        )
-    for key in ("bos", "eos", "unknown", "padding"):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not 0 <= i < len(tokens):
-            raise ValueError(f"{path}: tokenizer.ggml.{key}_token_id={i} is outside the vocabulary")
-    special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
-    # llama.cpp prepends BOS to SentencePiece vocabularies unless the file says otherwise.
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    bos = special("bos")
-    if add_bos and bos is not None:  # so that transformers, loading our saved copy, adds it too
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
-            special_tokens=[(tokens[bos], bos)],
-        )
-    return HFTokenizer(
-        tk,
-        bos_id=bos,
-        eos_id=special("eos"),
-        unk_id=special("unknown"),
-        pad_id=special("padding"),
-        chat_template=meta.get("tokenizer.chat_template"),
-        add_bos=add_bos,
-        vocab_size=len(tokens),
-    )
+    return HFTokenizer(**gguf_vocabulary(source))
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map: printable bytes stand for themselves, the rest
-    (controls, space, 127-160, 173) are shifted to 256+ so every token is visible text."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _added(tokens, types) -> list[AddedToken]:
-    """Control tokens as special added tokens, user-defined ones as plain added tokens.
-
-    Both are matched whole in text (user-defined always, control only in `encode_special`);
-    without this they would be cut into pieces.
-    """
-    return [
-        AddedToken(t, special=ty in (CONTROL, UNKNOWN), normalized=False)
-        for t, ty in zip(tokens, types)
-        if ty in (CONTROL, UNKNOWN, USER_DEFINED)
-    ]
-
-
-def _vocab(tokens: list[str], types: list[int], spell=lambda t: t) -> dict[str, int]:
-    """piece -> id; `spell` rewrites normal pieces (added tokens keep their text)."""
-    vocab: dict[str, int] = {}
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        key = t if ty in (CONTROL, USER_DEFINED, UNKNOWN) else spell(t)
-        vocab.setdefault(key, i)  # a duplicate keeps its first id
-    return vocab
-
-
-def _bpe(path, **kwargs) -> models.BPE:
-    try:
-        return models.BPE(**kwargs)
-    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown pieces
-        raise ValueError(f"{path}: inconsistent vocabulary or merges ({e})") from None
-
-
-def _byte_level_bpe(path, tokens, types, meta) -> tokenizers.Tokenizer:
-    """GPT-2-style byte-level BPE (`tokenizer.ggml.model == "gpt2"`), e.g. SmolLM2's."""
-    pre = meta.get("tokenizer.ggml.pre", "")
-    alphabet = _byte_alphabet()
-    letters = set(alphabet.values())
-
-    def spell(t: str) -> str:  # a few converters store plain UTF-8 text instead of byte letters
-        return t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8"))
-
-    if pre not in GGUF_PRE_TYPES:
-        raise ValueError(
-            f"{path}: pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported "
-            f"(supported: {', '.join(GGUF_PRE_TYPES)})"
-        )
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    bpe = _bpe(path, vocab=_vocab(tokens, types, spell), merges=merges, ignore_merges=pre in _LLAMA3_PRE)
-    tk = tokenizers.Tokenizer(bpe)
-    gpt2_words = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _GPT2_PRE:
-        tk.pre_tokenizer = gpt2_words
-    elif pre in _DIGITS_PRE:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_words])
-    else:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT), "isolated")
-        to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tk.pre_tokenizer = pre_tokenizers.Sequence([split, to_bytes])
-    tk.decoder = decoders.ByteLevel()
-    tk.add_tokens(_added(tokens, types))
-    return tk
-
-
-def _sentencepiece_bpe(path, tokens, types, meta) -> tokenizers.Tokenizer:
-    """SentencePiece BPE with byte fallback (`tokenizer.ggml.model == "llama"`): Llama 2's GGUFs."""
-    scores = meta.get("tokenizer.ggml.scores")
-    if "tokenizer.ggml.merges" in meta:
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    elif scores is not None:
-        merges = _merges_from_scores(tokens, types, scores)
-    else:
-        raise ValueError(f"{path}: a 'llama' vocabulary needs tokenizer.ggml.scores or merges")
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    bpe = _bpe(
-        path, vocab=_vocab(tokens, types), merges=merges, unk_token=None if unk is None else tokens[unk],
-        fuse_unk=True, byte_fallback=True,
-    )
-    tk = tokenizers.Tokenizer(bpe)
-    # SentencePiece writes spaces as "▁" and, with a dummy prefix, starts the text with one.
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Prepend("▁")] if prefix else []
-    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-    tk.pre_tokenizer = None
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    tk.add_tokens(_added(tokens, types))
-    return tk
-
-
-def _merges_from_scores(tokens, types, scores) -> list[tuple[str, str]]:
-    """BPE merges implied by SentencePiece scores.
-
-    SentencePiece merges, at each step, the adjacent pair whose joined piece has the highest
-    score. A merge list ranked by that score reproduces it: every way to cut a normal piece into
-    two normal pieces is a merge, ranked by the score of the whole piece.
-    """
-    normal = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == NORMAL}
-    found = []
-    for piece, i in normal.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in normal and right in normal:
-                found.append((-scores[i], normal[left], normal[right], left, right))
-    found.sort()
-    return [(left, right) for *_, left, right in found]
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """A padding id that never occurs in a rendered dialog: the tokenizer's pad token unless it
+    doubles as BOS/EOS/end-of-turn, else <unk> (SentencePiece with byte fallback never emits it).
+    Hugging Face's sequence classifier reads the score at the last non-pad token, so the pad id
+    must not be a token the sequence ends with."""
+    used = {tokenizer.bos_id, tokenizer.eos_id, *tokenizer.stop_ids}
+    for candidate in (tokenizer.pad_id, tokenizer.unk_id):
+        if candidate is not None and candidate not in used:
+            return candidate
+    raise ValueError("the tokenizer has no pad or unk token distinct from BOS/EOS/end-of-turn to pad with")
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -708,87 +496,3 @@ def train_sentencepiece(
     tokenizer = SentencePieceTokenizer(model.getvalue())
     tokenizer.save(out_dir)
     return tokenizer
-
-
-# -- command line -------------------------------------------------------------------------------
-def _default_tokenizer() -> Path:
-    from llama2.paths import smollm2_gguf
-
-    return smollm2_gguf()
-
-
-def tokenize_cli(argv: list[str]) -> int:
-    """`llama2 tokenize`: print the ids of a text, or of a dialog in the chat format (§3)."""
-    p = argparse.ArgumentParser(prog="llama2 tokenize", description=tokenize_cli.__doc__)
-    p.add_argument("text", nargs="?", help="the text to tokenize")
-    p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json, a directory or a .gguf "
-                   "(default: the bundled SmolLM2 model)")
-    p.add_argument("--bos", action="store_true", help="prepend BOS")
-    p.add_argument("--eos", action="store_true", help="append EOS")
-    p.add_argument("--chat", metavar="DIALOG.json", help="a JSON list of {role, content} messages")
-    p.add_argument("--format", choices=["auto", "llama2", "template"], default="auto",
-                   help="chat format: the tokenizer's template if it has one (auto), or Llama 2's")
-    p.add_argument("--mask", action="store_true",
-                   help="with --chat on a dialog ending in an answer: also print the assistant mask")
-    args = p.parse_args(argv)
-    if (args.text is None) == (args.chat is None):
-        p.error("give either a text or --chat DIALOG.json")
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer())
-    if args.chat is None:
-        print(json.dumps(tokenizer.encode(args.text, bos=args.bos, eos=args.eos)))
-        return 0
-
-    from llama2.chat_format import ChatFormat, ChatFormatError
-
-    file = Path(args.chat)
-    try:
-        dialog = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from None
-    fmt = ChatFormat(tokenizer, style=args.format)
-    try:
-        last = dialog[-1] if isinstance(dialog, list) and dialog else None
-        if isinstance(last, dict) and last.get("role") == "assistant":  # a training dialog
-            ids, mask = fmt.training_ids(dialog)
-        else:
-            ids, mask = fmt.prompt_ids(dialog), None
-    except ChatFormatError as e:
-        raise ChatFormatError(f"{file}: {e}") from None
-    if args.mask and mask is not None:
-        print(json.dumps({"ids": ids, "assistant_mask": [int(m) for m in mask]}))
-    else:
-        print(json.dumps(ids))
-    return 0
-
-
-def tokenizer_cli(argv: list[str]) -> int:
-    """`llama2 tokenizer train`: train a SentencePiece BPE tokenizer the Llama 2 way (§2.2)."""
-    p = argparse.ArgumentParser(prog="llama2 tokenizer", description="tokenizer tools")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help=tokenizer_cli.__doc__, description=train_sentencepiece.__doc__)
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".txt or .jsonl (`text` field)")
-    t.add_argument("--vocab-size", type=int, default=32000, help="pieces in the vocabulary (paper: 32000)")
-    t.add_argument("--out", required=True, metavar="DIR", help="where tokenizer.model is written")
-    t.add_argument("--character-coverage", type=float, default=0.99995,
-                   help="share of characters given their own piece; the rest fall back to bytes")
-    t.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled from large inputs")
-    t.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    tok = train_sentencepiece(
-        args.input, args.out, args.vocab_size, character_coverage=args.character_coverage,
-        max_sentences=args.max_sentences, threads=args.threads,
-    )
-    print(f"wrote {Path(args.out) / 'tokenizer.model'} ({tok.vocab_size} pieces)", file=sys.stderr)
-    return 0
-
-
-def pad_token_id(tokenizer) -> int:
-    """A padding id that never occurs in a rendered dialog: the tokenizer's pad token unless it
-    doubles as BOS/EOS/end-of-turn, else <unk> (SentencePiece with byte fallback never emits it).
-    Hugging Face's sequence classifier reads the score at the last non-pad token, so the pad id
-    must not be a token the sequence ends with."""
-    used = {tokenizer.bos_id, tokenizer.eos_id, *tokenizer.stop_ids}
-    for candidate in (tokenizer.pad_id, tokenizer.unk_id):
-        if candidate is not None and candidate not in used:
-            return candidate
-    raise ValueError("the tokenizer has no pad or unk token distinct from BOS/EOS/end-of-turn to pad with")

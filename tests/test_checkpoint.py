@@ -5,10 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama2.checkpoint import (CheckpointError, detect_format, hf_to_meta_qk, load_model, meta_to_hf_qk,
-                               read_checkpoint, save_hf, save_native)
+from llama2.checkpoint import detect_format, load_model, read_checkpoint, save_native
+from llama2.checkpoint_base import CheckpointError
 from llama2.cli import main as cli
-from llama2.model import ModelArgs, Transformer
+from llama2.hf_checkpoint import hf_to_meta_qk, meta_to_hf_qk, save_hf
+from llama2.meta_checkpoint import save_meta
+from llama2.model import ModelArgs, Transformer, meta_ffn_hidden_dim
 
 
 def tiny(vocab=300, tie=False, seed=0, kv=2):
@@ -117,6 +119,47 @@ def test_meta_two_shards(tmp_path, sp_tokenizer):
     assert ours.args.vocab_size == 300 and ours.args.hidden_dim == 96
     assert all(torch.equal(a, b) for a, b in zip(state.values(), ours.state_dict().values()))
     assert tok is not None and tok.vocab_size == 300
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_convert_cli_native_meta_native(tmp_path, sp_tokenizer, capsys, tie):
+    """--to meta writes Meta's params.json + consolidated.00.pth (plain tensors, Meta's names and
+    rotary layout); the Meta loader reads it back, and converting back gives the same tensors."""
+    m = tiny(tie=tie)
+    save_native(tmp_path / "a", m, tokenizer=sp_tokenizer)
+    assert cli(["convert", str(tmp_path / "a"), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    assert "wrote meta checkpoint" in capsys.readouterr().out
+    d = tmp_path / "meta"
+    assert sorted(p.name for p in d.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert detect_format(d) == "meta"
+    params = json.loads((d / "params.json").read_text())
+    assert {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")} == {
+        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 300}
+    # Meta's reference code derives the SwiGLU width from multiple_of / ffn_dim_multiplier
+    assert meta_ffn_hidden_dim(64, params["multiple_of"], params.get("ffn_dim_multiplier")) == 96
+    shard = torch.load(d / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    native = m.state_dict()
+    assert shard.keys() == native.keys() and all(torch.equal(shard[k], native[k]) for k in native)
+    loaded, tok = load_model(d)  # the existing Meta loader
+    assert all(torch.equal(a, b) for a, b in zip(native.values(), loaded.state_dict().values()))
+    assert tok.encode("the llama 42") == sp_tokenizer.encode("the llama 42")
+    assert cli(["convert", str(d), str(tmp_path / "b")]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    if tie:  # Meta's format has no tying: the output matrix comes back as a copy of the embedding
+        assert b.keys() == a.keys() | {"output.weight"} and torch.equal(b["output.weight"], a["tok_embeddings.weight"])
+    else:
+        assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_meta_export_refuses_what_meta_cannot_hold(tmp_path):
+    reward = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, hidden_dim=96, head="scalar")
+    with pytest.raises(CheckpointError, match="language models only"):
+        save_meta(tmp_path / "rm", reward, {})
+    wide = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, hidden_dim=96, head_dim=32)
+    with pytest.raises(CheckpointError, match="head_dim=32 is not dim // n_heads"):
+        save_meta(tmp_path / "wide", wide, {})
+    assert not list(tmp_path.iterdir())
 
 
 def test_meta_refuses_pickled_code(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-import llama2.data as data
+import llama2.pretokenize as pretok
 from llama2.cli import main as cli_main
-from llama2.data import DataError, PackedLoader, TokenDataset, pretokenize, read_documents, write_token_dataset
+from llama2.data import DataError, PackedLoader, TokenDataset
+from llama2.pretokenize import pretokenize, read_documents, write_token_dataset
 
 WORDS = "the a llama walks over green hills and eats grass while sun shines on models tokens data".split()
 
@@ -31,7 +32,7 @@ def _train_sp(path: Path, vocab_size: int, seed: int) -> Path:
 
 
 class SPTokenizer:
-    """Stand-in with the llama2.tokenizer interface, used only while that module is not merged."""
+    """A SentencePiece tokenizer with the llama2.tokenizer interface whose ids can be shifted up."""
 
     def __init__(self, path, id_offset=0):
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -47,12 +48,6 @@ class SPTokenizer:
         return self.sp.decode([i - self.id_offset for i in ids if i >= self.id_offset])  # <s>, </s> -> ""
 
 
-try:
-    from llama2.tokenizer import load_tokenizer as _real_loader
-except ImportError:
-    _real_loader = None
-
-
 @pytest.fixture(scope="session")
 def sp_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp")
@@ -61,15 +56,13 @@ def sp_models(tmp_path_factory):
 
 
 @pytest.fixture
-def tokenizer(sp_models, monkeypatch):
-    """Path of the test tokenizer; workers load it by path (fork keeps the patched loader)."""
-    if _real_loader is None:
-        monkeypatch.setattr(data, "_load_tokenizer", lambda p: SPTokenizer(p))
+def tokenizer(sp_models):
+    """Path of the test tokenizer; workers load it by path."""
     return sp_models["a"]
 
 
 def load(path):
-    return data._load_tokenizer(str(path))
+    return pretok._load_tokenizer(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +199,7 @@ def _corpus(root: Path) -> list[str]:
 
 def test_pretokenize_deterministic_and_decodes(tmp_path, tokenizer, monkeypatch):
     docs = _corpus(tmp_path / "corpus")
-    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)  # ~40 chunks, so both workers take turns
+    monkeypatch.setattr(pretok, "CHUNK_CHARS", 1000)  # ~40 chunks, so both workers take turns
     m1 = pretokenize([tmp_path / "corpus"], tokenizer, tmp_path / "w1", workers=1, shard_tokens=2000, progress=False)
     m2 = pretokenize([tmp_path / "corpus"], tokenizer, tmp_path / "w2", workers=2, shard_tokens=2000, progress=False)
     names = sorted(p.name for p in (tmp_path / "w1").iterdir())
@@ -230,9 +223,9 @@ def test_pretokenize_deterministic_and_decodes(tmp_path, tokenizer, monkeypatch)
 
 
 def test_token_dtype_by_vocab_size(tmp_path, sp_models, monkeypatch):
-    assert data.token_dtype(32000) == np.uint16 and data.token_dtype(65536) == np.uint16
-    assert data.token_dtype(65537) == np.uint32 and data.token_dtype(128256) == np.uint32
-    monkeypatch.setattr(data, "_load_tokenizer", lambda p: SPTokenizer(p, id_offset=70000))
+    assert pretok.token_dtype(32000) == np.uint16 and pretok.token_dtype(65536) == np.uint16
+    assert pretok.token_dtype(65537) == np.uint32 and pretok.token_dtype(128256) == np.uint32
+    monkeypatch.setattr(pretok, "_load_tokenizer", lambda p: SPTokenizer(p, id_offset=70000))
     (tmp_path / "a.txt").write_text("the llama\n\nwalks over hills")
     m = pretokenize([tmp_path / "a.txt"], sp_models["a"], tmp_path / "out", workers=2, progress=False)
     assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 70400
@@ -272,8 +265,8 @@ def test_progress_bar_and_its_off_switch(tmp_path, tokenizer, monkeypatch, capfd
 
 def test_interrupted_run_leaves_no_dataset(tmp_path, tokenizer, monkeypatch):
     (tmp_path / "a.txt").write_text("\n\n".join(f"document {i}" for i in range(50)))
-    monkeypatch.setattr(data, "CHUNK_DOCS", 10)
-    seen, add = [], data._ShardWriter.add
+    monkeypatch.setattr(pretok, "CHUNK_DOCS", 10)
+    seen, add = [], pretok._ShardWriter.add
 
     def add_then_die(self, tokens, lengths):
         add(self, tokens, lengths)
@@ -281,7 +274,7 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, tokenizer, monkeypatch):
         if len(seen) == 2:
             raise KeyboardInterrupt  # as if killed while writing
 
-    monkeypatch.setattr(data._ShardWriter, "add", add_then_die)
+    monkeypatch.setattr(pretok._ShardWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretokenize([tmp_path / "a.txt"], tokenizer, tmp_path / "out", workers=2, progress=False)
     assert seen == [(False, 1), (False, 1)]  # while writing, only the hidden partial folder exists

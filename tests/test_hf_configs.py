@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llama2.checkpoint import CheckpointError, args_from_hf_config, read_checkpoint
+from llama2.checkpoint import read_checkpoint
+from llama2.checkpoint_base import CheckpointError
+from llama2.hf_checkpoint import args_from_hf_config
 from llama2.model import ModelArgs, meta_ffn_hidden_dim, preset
 
 CONFIGS = Path(__file__).resolve().parent / "fixtures" / "hf_configs"

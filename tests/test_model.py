@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama2 import cpu_kernels
-from llama2.checkpoint import meta_to_hf_name, meta_to_hf_qk
+from llama2.hf_checkpoint import meta_to_hf_name, meta_to_hf_qk
 from llama2.cpu_kernels import Ragged, linear
 from llama2.model import KVCache, ModelArgs, PRESETS, RMSNorm, Transformer, meta_ffn_hidden_dim, preset
 

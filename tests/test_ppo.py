@@ -207,7 +207,7 @@ def test_reward_rises_kl_bounded_and_reference_values(tiny_run, reference):
 
 
 def test_export_loads_for_chat(tiny_run):
-    from llama2.chat import load_for_inference
+    from llama2.inference import load_for_inference
 
     model, tok = load_for_inference(str(tiny_run / "final"), device="cpu")
     meta = json.loads((tiny_run / "final" / "model.json").read_text())

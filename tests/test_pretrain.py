@@ -50,7 +50,7 @@ WORDS = "anna bob carl dora emil fay gus hana ivo jon oakton riverby stonehill m
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small deterministic corpus, its tokenizer and token shards (shared by the tests below)."""
-    from llama2.data import pretokenize
+    from llama2.pretokenize import pretokenize
     from llama2.tokenizer import train_sentencepiece
 
     d = tmp_path_factory.mktemp("pretrain")

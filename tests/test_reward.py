@@ -162,7 +162,7 @@ def test_scorer_batches_by_length_and_gives_probabilities(rm):
 def test_hf_export_loads_in_transformers_with_the_same_scores(rm, tmp_path, capsys):
     from transformers import LlamaForSequenceClassification
 
-    from llama2.checkpoint import convert_cli
+    from llama2.convert import convert_cli
 
     model, tok = rm
     native = save_native(tmp_path / "rm", model, tokenizer=tok)

@@ -187,7 +187,7 @@ def test_float16_with_loss_scaling_learns(world_dir, base_model, tmp_path, monke
 
 
 def test_pretrain_mix_runs(world_dir, base_model, world_tokenizer, tmp_path, monkeypatch):
-    from llama2.data import pretokenize
+    from llama2.pretokenize import pretokenize
 
     monkeypatch.setenv("LLAMA2_NO_PROGRESS", "1")
     tok_dir = tmp_path / "tok"

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from llama2.chat_format import ChatFormat
-from llama2.checkpoint import CheckpointError, build_model, read_checkpoint, save_native
+from llama2.checkpoint import build_model, read_checkpoint, save_native
+from llama2.checkpoint_base import CheckpointError
 from llama2.config import ConfigError, save_config
 from llama2.cpu_kernels import Ragged
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from llama2 import progress_bars
-from llama2.chat import load_for_inference
+from llama2.inference import load_for_inference
 from llama2.chat_format import SPECIAL_TAGS, ChatFormat
 from llama2.checkpoint import detect_format
 from llama2.config import ConfigError, load_config, save_config
