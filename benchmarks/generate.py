@@ -51,13 +51,13 @@ def main() -> None:
 
     from llama2.checkpoint import build_model
     from llama2.gguf_checkpoint import read_gguf
-    from llama2.generation import Generator, SamplingParams
+    from llama2.generation import Decoder, SamplingParams
     from llama2.paths import smollm2_gguf
 
     gguf = smollm2_gguf()
     ck = read_gguf(gguf)
     ours_model = build_model(ck.args, ck.state, ck.source)
-    gen = Generator(ours_model, ck.tokenizer())
+    gen = Decoder(ours_model, ck.tokenizer())
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours_model.parameters())  # tied head counted once
     copy_bw, read_bw = bandwidths()

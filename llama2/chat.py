@@ -11,7 +11,7 @@ import sys
 import time
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
-from llama2.generation import Generator, GenerationStats, SamplingParams
+from llama2.generation import Decoder, GenerationStats, SamplingParams
 from llama2.inference import load_for_inference
 from llama2.tokenizer import StreamDecoder
 
@@ -83,7 +83,7 @@ def generate_cli(argv: list[str]) -> int:
     else:
         ids = tok.encode(a.prompt, bos=getattr(tok, "add_bos", True))
     params = sampling_params(a, fmt, tok)
-    gen = Generator(model, tok)
+    gen = Decoder(model, tok)
     stats = GenerationStats()
     stream = not (a.json or a.no_stream)
     on_token, finish = stream_printer(tok) if stream else (None, None)
@@ -119,7 +119,7 @@ def cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model, a.device, a.dtype)
     fmt = ChatFormat(tok, a.format)
-    gen = Generator(model, tok)
+    gen = Decoder(model, tok)
     params = sampling_params(a, fmt, tok)
     system = a.system
     history: Dialog = []

@@ -99,7 +99,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return draw(probs, generator).squeeze(-1)
 
 
-class Generator:
+class Decoder:
     """Generates continuations of token-id prompts with one model (and optionally its tokenizer).
 
     `packed`: decode with a PackedModel copy (default: on CPU, where it is faster). Call

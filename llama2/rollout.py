@@ -23,7 +23,7 @@ import torch
 
 from llama2.checkpoint import build_model
 from llama2.distributed import Dist, all_reduce_sum
-from llama2.generation import Generator, SamplingParams
+from llama2.generation import Decoder, SamplingParams
 from llama2.losses import kl_penalty
 
 
@@ -107,7 +107,7 @@ def consolidated_policy(policy: torch.nn.Module, d: Dist, dtype: torch.dtype) ->
     return build_model(policy.args, state, "policy (consolidated)", device=d.device, dtype=dtype)
 
 
-def sample_rollouts(generator: Generator, prompts: list[list[int]], chunks: list[tuple[int, list[int]]],
+def sample_rollouts(decoder: Decoder, prompts: list[list[int]], chunks: list[tuple[int, list[int]]],
                     params: SamplingParams, seed: int, iteration: int) -> list[Rollout]:
     """Sample one answer per prompt position of this rank's chunks, each chunk with its own seed.
 
@@ -119,7 +119,7 @@ def sample_rollouts(generator: Generator, prompts: list[list[int]], chunks: list
     for k, positions in chunks:
         chunk_params = SamplingParams(**{**params.__dict__, "seed": chunk_seed(seed, iteration, k),
                                          "logprobs_at_temperature": True})
-        for i, c in zip(positions, generator.generate([prompts[i] for i in positions], chunk_params)):
+        for i, c in zip(positions, decoder.generate([prompts[i] for i in positions], chunk_params)):
             # The stop token is an action of the policy too: it is trained (the model learns when to
             # stop) and it is where the score lands.
             stopped = c.stop_token is not None

@@ -11,19 +11,19 @@ from pathlib import Path
 
 from llama2.inference import load_for_inference
 from llama2.chat_format import ChatFormat
-from llama2.generation import Completion, Generator, SamplingParams
+from llama2.generation import Completion, Decoder, SamplingParams
 
 
 class DialogSampler:
     def __init__(self, model, tokenizer, chat_style: str = "auto", batch_size: int = 32):
-        self.generator = Generator(model, tokenizer)
+        self.decoder = Decoder(model, tokenizer)
         self.tokenizer = tokenizer
         self.format = ChatFormat(tokenizer, chat_style)
         self.batch_size = batch_size
 
     def refresh(self) -> None:
         """Call after the model's weights changed (the CPU fast path keeps a packed copy)."""
-        self.generator.refresh()
+        self.decoder.refresh()
 
     def params(self, temperature: float, top_p: float, max_new_tokens: int, seed: int | None) -> SamplingParams:
         return SamplingParams.for_chat(self.format, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -40,7 +40,7 @@ class DialogSampler:
             # one seed per chunk: reproducible for the same inputs and order
             chunk_seed = None if seed is None else seed * 1_000_003 + b
             params = self.params(temperature, top_p, max_new_tokens, chunk_seed)
-            for (_, i, j), c in zip(chunk, self.generator.generate([prompts[i] for _, i, _ in chunk], params)):
+            for (_, i, j), c in zip(chunk, self.decoder.generate([prompts[i] for _, i, _ in chunk], params)):
                 out[i][j] = c
         return out  # type: ignore[return-value]
 

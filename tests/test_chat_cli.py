@@ -64,7 +64,7 @@ def test_chat_turns_see_the_conversation_reset_forgets_and_system_sets(ckpt, cap
     from llama2.tokenizer import load_tokenizer
 
     prompts, answers = [], []
-    real_generate = llama2.chat.Generator.generate
+    real_generate = llama2.chat.Decoder.generate
 
     def recording_generate(self, batch, params, **kw):
         prompts.append(list(batch[0]))
@@ -72,7 +72,7 @@ def test_chat_turns_see_the_conversation_reset_forgets_and_system_sets(ckpt, cap
         answers.append(out[0].text.strip())
         return out
 
-    monkeypatch.setattr(llama2.chat.Generator, "generate", recording_generate)
+    monkeypatch.setattr(llama2.chat.Decoder, "generate", recording_generate)
     lines = "the llama\nthe sun\n/reset\nthe hills\n/system answer in numbers\nthe town\n/exit\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     assert cli(["chat", "--model", str(ckpt), "--temperature", "0", "--max-new-tokens", "4"]) == 0

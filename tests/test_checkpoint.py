@@ -207,14 +207,14 @@ def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf, smollm2):
     from transformers import AutoModelForCausalLM
 
     from llama2.chat_format import ChatFormat
-    from llama2.generation import Generator, SamplingParams
+    from llama2.generation import Decoder, SamplingParams
 
     model, tok = smollm2
     assert model.args.tie_embeddings and model.args.n_kv_heads == 3 and model.args.vocab_size == 49152
     fmt = ChatFormat(tok)
     ids = fmt.prompt_ids([{"role": "user", "content": "Name three colours of the rainbow and explain why the sky is blue."}])
     n = 40
-    ours = Generator(model, tok).generate([ids], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+    ours = Decoder(model, tok).generate([ids], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                               dtype=torch.float32).eval()
     x = torch.tensor([ids])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llama2.generation import Generator, GenerationStats, SamplingParams, sample
+from llama2.generation import Decoder, GenerationStats, SamplingParams, sample
 from llama2.model import KVCache, ModelArgs, Transformer
 from llama2.packed_decode import PackedModel
 
@@ -23,7 +23,7 @@ def prompts(lengths, seed=0):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_mixed_lengths_batch_equals_one_by_one(model, packed):
-    gen = Generator(model, packed=packed)
+    gen = Decoder(model, packed=packed)
     ps = prompts([1, 5, 17, 9, 30])
     params = SamplingParams(max_new_tokens=24, temperature=0)
     batch = gen.generate(ps, params)
@@ -37,7 +37,7 @@ def test_mixed_lengths_batch_equals_one_by_one(model, packed):
 def test_prefill_in_length_groups_equals_one_by_one(model, packed, monkeypatch):
     # 40 prompts sorted longest first, one long and many short: the prefill runs in groups of 16
     # rows, each padded to its own longest prompt, and every row still decodes what it would alone.
-    gen = Generator(model, packed=packed)
+    gen = Decoder(model, packed=packed)
     ps = sorted(prompts([50, *[3 + i % 7 for i in range(39)]], seed=1), key=len, reverse=True)
     calls = []
     run_rows = gen._prefill_rows
@@ -67,15 +67,15 @@ def test_packed_path_in_half_precision(model, dtype):
         la = half(x, positions=pos, cache=caches[0])
     lb = PackedModel(half)(x, positions=pos, cache=caches[1], last_only=False)
     assert (la - lb).abs().max().item() < 0.1 * la.abs().max().item()
-    out = Generator(half, packed=True).generate(prompts([4, 7]), SamplingParams(max_new_tokens=8, temperature=0))
+    out = Decoder(half, packed=True).generate(prompts([4, 7]), SamplingParams(max_new_tokens=8, temperature=0))
     assert all(len(o.tokens) == 8 for o in out)
 
 
 def test_packed_path_equals_module_path(model):
     ps = prompts([4, 11, 2])
     params = SamplingParams(max_new_tokens=20, temperature=0)
-    a = Generator(model, packed=False).generate(ps, params)
-    b = Generator(model, packed=True).generate(ps, params)
+    a = Decoder(model, packed=False).generate(ps, params)
+    b = Decoder(model, packed=True).generate(ps, params)
     assert [x.tokens for x in a] == [y.tokens for y in b]
     # and the packed forward matches the module's logits on a prefill + decode
     cache_a, cache_b = (KVCache(model.args, 1, 16, torch.float32, "cpu") for _ in range(2))
@@ -91,7 +91,7 @@ def test_packed_path_equals_module_path(model):
 
 def test_logprobs_are_the_models(model):
     p = prompts([6])[0]
-    out = Generator(model).generate([p], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    out = Decoder(model).generate([p], SamplingParams(max_new_tokens=8, temperature=0))[0]
     seq = torch.tensor([p + out.tokens])
     with torch.no_grad():
         logp = torch.log_softmax(model(seq)[0], -1)
@@ -100,7 +100,7 @@ def test_logprobs_are_the_models(model):
 
 
 def test_seeded_sampling_is_reproducible_and_varies(model):
-    gen = Generator(model)
+    gen = Decoder(model)
     ps = prompts([3, 8])
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
     a, b = gen.generate(ps, params), gen.generate(ps, params)
@@ -139,7 +139,7 @@ def test_top_k_and_top_p_restrict_the_support():
 
 
 def test_stop_ids_finish_rows_early_and_others_continue(model):
-    gen = Generator(model)
+    gen = Decoder(model)
     ps = prompts([5, 7])
     free = gen.generate(ps, SamplingParams(max_new_tokens=20, temperature=0))
     stop = free[0].tokens[3]  # the 4th token of row 0 becomes a stop token
@@ -159,7 +159,7 @@ def test_streaming_and_stats(model, sp_tokenizer):
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=sp_tokenizer.vocab_size, hidden_dim=64,
                               max_seq_len=64)).eval()
     m.init_weights(std=0.3)
-    gen = Generator(m, sp_tokenizer)
+    gen = Decoder(m, sp_tokenizer)
     seen = []
     stats = GenerationStats()
     prompt = sp_tokenizer.encode("the llama", bos=True)
@@ -176,7 +176,7 @@ def test_stop_strings_cut_the_text(sp_tokenizer):
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=sp_tokenizer.vocab_size, hidden_dim=64,
                               max_seq_len=64)).eval()
     m.init_weights(std=0.3)
-    gen = Generator(m, sp_tokenizer)
+    gen = Decoder(m, sp_tokenizer)
     prompt = [sp_tokenizer.encode("the", bos=True)]
     free = gen.generate(prompt, SamplingParams(max_new_tokens=20, temperature=0))[0]
     stop = free.text.strip()[3:6]
@@ -187,4 +187,4 @@ def test_stop_strings_cut_the_text(sp_tokenizer):
 
 def test_prompt_too_long_is_refused(model):
     with pytest.raises(ValueError, match="does not fit the context"):
-        Generator(model).generate([[5] * 96], SamplingParams(max_new_tokens=4))
+        Decoder(model).generate([[5] * 96], SamplingParams(max_new_tokens=4))

@@ -19,7 +19,7 @@ from llama2.chat_format import ChatFormat
 from llama2.checkpoint import load_model, save_native
 from llama2.config import ConfigError, load_config
 from llama2.distributed import Dist
-from llama2.generation import Generator, SamplingParams
+from llama2.generation import Decoder, SamplingParams
 from llama2.losses import whiten
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.ppo import PPOConfig, main
@@ -113,7 +113,7 @@ def test_old_logprobs_match_generation_and_stop_token_is_an_action(policy_path, 
     prompts = [fmt.prompt_ids(r["messages"]) for r in records]
     stops = tuple(range(0, tok.vocab_size, 8))  # 1 token in 8 ends the answer: some stop early, some do not
     params = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=1.0, stop_ids=stops)
-    rollouts = sample_rollouts(Generator(model, tok), prompts, generation_chunks([len(p) for p in prompts], 4, Dist()),
+    rollouts = sample_rollouts(Decoder(model, tok), prompts, generation_chunks([len(p) for p in prompts], 4, Dist()),
                                params, seed=0, iteration=0)
     assert sorted(r.index for r in rollouts) == list(range(6))
     stopped = [r for r in rollouts if r.response[-1] in stops]
@@ -212,7 +212,7 @@ def test_export_loads_for_chat(tiny_run):
     model, tok = load_for_inference(str(tiny_run / "final"), device="cpu")
     meta = json.loads((tiny_run / "final" / "model.json").read_text())
     assert meta["stage"] == "ppo" and meta["iteration"] == 8 and model.args.head == "lm"
-    out = Generator(model, tok).generate([[tok.bos_id, 5, 6]], SamplingParams(max_new_tokens=3, temperature=0))
+    out = Decoder(model, tok).generate([[tok.bos_id, 5, 6]], SamplingParams(max_new_tokens=3, temperature=0))
     assert len(out[0].tokens) <= 3
 
 

@@ -39,7 +39,7 @@ from llama2.cpu_kernels import Ragged
 from llama2.distributed import Dist, all_reduce_sum, full_state_dict, setup, teardown
 from llama2.formats import AXES, read_records
 from llama2.gated_reward import GatedReward, check_reward_axes, load_gated_reward, prompt_axis
-from llama2.generation import Generator, SamplingParams
+from llama2.generation import Decoder, SamplingParams
 from llama2.losses import gae, logit, ppo_policy_loss, value_loss, whiten
 from llama2.model import ModelArgs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
@@ -152,13 +152,13 @@ def generate(policy, tokenizer, fmt, prompts: list[list[int]], d: Dist, dtype, c
              seed: int) -> list[Rollout]:
     """This rank's rollouts for its share of `prompts`, sampled from consolidated full weights."""
     model = consolidated_policy(policy, d, dtype)
-    generator = Generator(model, tokenizer)
+    decoder = Decoder(model, tokenizer)
     params = SamplingParams.for_chat(fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=1.0, top_k=0)
     chunks = generation_chunks([len(p) for p in prompts], cfg.generation_batch_size, d)
-    rollouts = sample_rollouts(generator, prompts, chunks, params, seed, iteration)
-    del generator, model  # free the consolidated copy before training resumes
-    policy.train()  # Generator put it in eval mode (no dropout here, but activation checkpointing cares)
+    rollouts = sample_rollouts(decoder, prompts, chunks, params, seed, iteration)
+    del decoder, model  # free the consolidated copy before training resumes
+    policy.train()  # Decoder put it in eval mode (no dropout here, but activation checkpointing cares)
     return rollouts
 
 

@@ -32,14 +32,14 @@ class Example(NamedTuple):
     reference: dict  # what the grader needs; always "gold", and "instances": the keys splits are made of
 
 
-Generator = Callable[[random.Random, Universe, str], Example]
+MakeExample = Callable[[random.Random, Universe, str], Example]
 Grader = Callable[[dict, str], Grade]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    generate: Generator
+    generate: MakeExample
     grade: Grader
     weight: float = 1.0  # relative share in generated SFT data and prompt sets
     # (rng, record) -> (kind, worse answer): the rejected side of offline contrastive pairs
