@@ -37,6 +37,7 @@ from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
 from llama2.report import write_report
 from llama2.sampling import sample_responses
+from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
 from llama2.world.generate import generate_world
 
@@ -250,11 +251,11 @@ def stage_annotate(run: Run, cfg: PipelineConfig, out: Path, version: int, polic
     variants = policies[: max(1, cfg.annotate.variants)]
 
     def sample_fn(batch_records, model_path, temperature):
-        return sample_responses(model_path, batch_records, temperature, cfg.seed + version,
+        return sample_responses(model_path, batch_records, temperature, derive_seed(cfg.seed, version),
                                 cfg.annotate.max_new_tokens)
 
     pairs, stats = annotate_batch(records + tests, sample_fn, variants=variants, temperatures=cfg.annotate.temperatures,
-                                  batch=version, seed=cfg.seed + version, config=AnnotatorConfig(noise=cfg.annotate.noise),
+                                  batch=version, seed=derive_seed(cfg.seed, version), config=AnnotatorConfig(noise=cfg.annotate.noise),
                                   source=f"simulated:v{version}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"batch{version}.jsonl"
@@ -319,7 +320,7 @@ def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: b
     rc = from_dict(rejection_sampling.RejectionSamplingConfig, {**over, "out_dir": str(out), "policy": policy, "iterations": 1,
                                              "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
                                              "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
-                                             "pool_from": pools, "seed": cfg.seed + version, "device": cfg.device},
+                                             "pool_from": pools, "seed": derive_seed(cfg.seed, version), "device": cfg.device},
                    "pipeline.rejection_sampling")
     rejection_sampling.main(rc, resume=resume)
     stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
@@ -332,7 +333,7 @@ def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: i
                                "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
                                "eval_prompts": run.files(cfg.test_prompts, "prompts/test_batch*.jsonl"),
                                "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
-                               "seed": cfg.seed + version, "device": cfg.device}, "pipeline.ppo")
+                               "seed": derive_seed(cfg.seed, version), "device": cfg.device}, "pipeline.ppo")
     ppo.main(pc, resume=resume and has_checkpoint(out))
     steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
     return {"model": str(out / "final"), "steps": steps}

@@ -25,6 +25,7 @@ from llama2.checkpoint import build_model
 from llama2.distributed import Dist, all_reduce_sum
 from llama2.generation import Decoder, SamplingParams
 from llama2.losses import kl_penalty
+from llama2.train import derive_seed
 
 
 class Rollout(NamedTuple):
@@ -67,11 +68,6 @@ def iteration_prompts(num_prompts: int, batch_size: int, iteration: int, seed: i
         order = np.random.default_rng((seed, epoch)).permutation(num_prompts)
         out += order[offset: offset + batch_size - len(out)].tolist()
     return out
-
-
-def chunk_seed(seed: int, iteration: int, chunk: int) -> int:
-    """The sampling seed of one generation chunk: independent of the number of ranks."""
-    return int(np.random.SeedSequence([seed, iteration, chunk]).generate_state(1)[0])
 
 
 def generation_chunks(prompt_lengths: list[int], chunk_size: int, d: Dist) -> list[tuple[int, list[int]]]:
@@ -117,7 +113,7 @@ def sample_rollouts(decoder: Decoder, prompts: list[list[int]], chunks: list[tup
     """
     out = []
     for k, positions in chunks:
-        chunk_params = SamplingParams(**{**params.__dict__, "seed": chunk_seed(seed, iteration, k),
+        chunk_params = SamplingParams(**{**params.__dict__, "seed": derive_seed(seed, iteration, k),
                                          "logprobs_at_temperature": True})
         for i, c in zip(positions, decoder.generate([prompts[i] for i in positions], chunk_params)):
             # The stop token is an action of the policy too: it is trained (the model learns when to

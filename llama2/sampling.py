@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from llama2.inference import load_for_inference
 from llama2.chat_format import ChatFormat
 from llama2.generation import Completion, Decoder, SamplingParams
+from llama2.inference import load_for_inference
+from llama2.train import derive_seed
 
 
 class DialogSampler:
@@ -38,7 +39,7 @@ class DialogSampler:
         for b in range(0, len(jobs), self.batch_size):
             chunk = jobs[b:b + self.batch_size]
             # one seed per chunk: reproducible for the same inputs and order
-            chunk_seed = None if seed is None else seed * 1_000_003 + b
+            chunk_seed = None if seed is None else derive_seed(seed, b)
             params = self.params(temperature, top_p, max_new_tokens, chunk_seed)
             for (_, i, j), c in zip(chunk, self.decoder.generate([prompts[i] for _, i, _ in chunk], params)):
                 out[i][j] = c

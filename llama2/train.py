@@ -215,6 +215,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seed(*parts: int) -> int:
+    """The one seed scheme for sub-streams of a run: the seed of (run seed, version, iteration,
+    chunk, ...) as numpy's SeedSequence hashes them. Streams of different parts are independent (no
+    arithmetic like seed * 1000 + i, where two different tuples can meet), and a resumed or
+    multi-rank run that asks for the same parts gets the same seed."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

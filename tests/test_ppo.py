@@ -23,9 +23,10 @@ from llama2.generation import Decoder, SamplingParams
 from llama2.losses import whiten
 from llama2.model import ModelArgs, Transformer
 from llama2.recipes.ppo import PPOConfig, main
-from llama2.rollout import (Rollout, action_positions, chunk_seed, generation_chunks, global_whiten, iteration_prompts,
+from llama2.rollout import (Rollout, action_positions, generation_chunks, global_whiten, iteration_prompts,
                             logprobs_and_entropy, pack_rollouts, pad_rollouts, sample_rollouts, shaped_rewards,
                             token_logprobs)
+from llama2.train import derive_seed
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "assets" / "losses" / "ppo_tiny.json"
@@ -164,7 +165,7 @@ def test_prompt_order_and_generation_chunks_do_not_depend_on_ranks():
     two = [dict(generation_chunks(lengths, 2, Dist(rank=r, world_size=2))) for r in (0, 1)]
     assert {**two[0], **two[1]} == single and not set(two[0]) & set(two[1])
     assert single[0] == [1, 5]  # longest prompts first
-    assert chunk_seed(0, 1, 2) == chunk_seed(0, 1, 2) != chunk_seed(0, 2, 1)
+    assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
 
 
 def test_global_whiten_is_whiten_on_one_rank():

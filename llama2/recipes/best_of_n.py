@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
 
-from llama2.inference import load_for_inference
 from llama2.formats import read_records
 from llama2.gated_reward import load_gated_reward, prompt_axis
+from llama2.inference import load_for_inference
 from llama2.sampling import DialogSampler
 
 

@@ -20,9 +20,9 @@ import torch
 from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
 from llama2.data import PackedLoader, TokenDataset
-from llama2.pretokenize import pretokenize
 from llama2.distributed import all_reduce_mean, barrier, full_state_dict, setup, teardown
 from llama2.losses import lm_loss
+from llama2.pretokenize import pretokenize
 from llama2.recipes.common import (build_fresh_model, config_dict, kill_hook, model_args, place_model, recipe_cli,
                                    resume_latest)
 from llama2.tokenizer import load_tokenizer, train_sentencepiece

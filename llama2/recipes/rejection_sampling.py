@@ -47,18 +47,19 @@ import torch
 from tqdm import tqdm
 
 from llama2 import progress_bars
-from llama2.inference import load_for_inference
 from llama2.chat_format import SPECIAL_TAGS, ChatFormat
 from llama2.checkpoint import detect_format
 from llama2.config import ConfigError, load_config, save_config
 from llama2.dialog_data import DialogLoader, tokenize_dialogs
 from llama2.formats import AXES, read_records
 from llama2.gated_reward import check_reward_axes, load_gated_reward
+from llama2.inference import load_for_inference
 from llama2.recipes.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
 from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
 from llama2.recipes.sft import SFTConfig, load_dialogs
 from llama2.recipes.sft import main as sft_main
 from llama2.sampling import DialogSampler
+from llama2.train import derive_seed
 
 
 def rs_sft() -> SFTConfig:
@@ -319,6 +320,8 @@ def say(text: str) -> None:
 
 # ----------------------------------------------------------------------------- the recipe
 
+SWEEP = 2**31  # the "chunk" part of the temperature sweep's seed: no sampling chunk has that index
+
 # What a resumed run may not change: it decides what was sampled and selected. (iterations may
 # grow: a finished run continues with more rounds.)
 RESUME_KEYS = ["policy", "prompts", "split", "max_prompts", "helpfulness_rm", "safety_rm", "safety_threshold", "k",
@@ -347,10 +350,11 @@ def tune_temperature(cfg: RejectionSamplingConfig, sampler: DialogSampler, rewar
     else:
         t0 = time.perf_counter()
         # the sweep's prompts are a subset of the training prompts, seeded per iteration
-        sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, cfg.seed + it, "prompts",
+        sweep_seed = derive_seed(cfg.seed, it, SWEEP)
+        sweep = load_prompt_records(cfg.prompts, cfg.split, cfg.tune_prompts, sweep_seed, "prompts",
                                     cfg.reward_axes)
         tuned = best_of_n(sampler, reward, sweep, cfg.tune_n, cfg.temperatures, top_p=cfg.top_p,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + it, k=cfg.k, log=say)
+                          max_new_tokens=cfg.max_new_tokens, seed=sweep_seed, k=cfg.k, log=say)
         tuned["policy"] = policy
         tuned["seconds_total"] = time.perf_counter() - t0
         write_result(tuned, tune_dir)
@@ -384,7 +388,7 @@ def sample_chunks(cfg: RejectionSamplingConfig, sampler: DialogSampler, reward, 
         t0 = time.perf_counter()
         # one seed per (run seed, iteration, chunk): a resumed chunk draws what it would have drawn
         outs = sampler.sample([r["messages"] for r in chunk], cfg.k, temperature, cfg.top_p, cfg.max_new_tokens,
-                              seed=(cfg.seed * 1000 + it) * 100_000 + c)
+                              seed=derive_seed(cfg.seed, it, c))
         t1 = time.perf_counter()
         rows = score_samples(reward, chunk, [[o.text for o in per_prompt] for per_prompt in outs])
         for row, per_prompt in zip(rows, outs):
@@ -416,7 +420,7 @@ def select_answers(cfg: RejectionSamplingConfig, records: list[dict], rows: list
                          f"{cfg.max_new_tokens} ({cut} of {sum(len(row['samples']) for row in rows)} samples; "
                          f"drop_truncated={cfg.drop_truncated}), below min_reward={cfg.min_reward} or within "
                          f"min_gap={cfg.min_gap} of their prompt's median); see {out / f'iter-{it}' / 'samples'}")
-    replayed = replay_dialogs(cfg.replay, cfg.replay_examples, cfg.replay_tasks, cfg.seed * 1000 + it)
+    replayed = replay_dialogs(cfg.replay, cfg.replay_examples, cfg.replay_tasks, derive_seed(cfg.seed, it))
     return Selection(candidates, best, selected, replayed)
 
 
