@@ -13,6 +13,7 @@ Recipes keep their loop visible and call these helpers:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from llama2 import progress_bars
 from llama2.cpu_kernels import ONEDNN_LINEAR
@@ -75,8 +77,6 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """
     if os.environ.get("LLAMA2_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl or another libc: leave it alone
@@ -245,6 +245,7 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> Path:
+        # torch.distributed's checkpoint modules take seconds to import (llama2.distributed.setup)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -280,7 +281,7 @@ class Checkpointer:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Restore model, optimizer and this rank's RNG in place; return the train state."""
-        import torch.distributed.checkpoint as dcp
+        import torch.distributed.checkpoint as dcp  # seconds to import: see save()
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if optimizer is not None:
@@ -312,15 +313,13 @@ class MetricsLogger:
         self.tb = None
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / filename, "a")
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                         disable=not progress_bars())
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: the `tensorboard` extra
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
