@@ -273,7 +273,7 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
     extra = run.files(cfg.extra_preferences, "preferences/offline_train.jsonl")
     held_out = [] if cfg.extra_preferences else run.files([], "preferences/offline_test.jsonl")
     outputs = {}
-    for objective in ("helpfulness", "safety"):
+    for objective in AXES:
         d = out.parent / f"reward_{objective}"
         rc = from_dict(reward_model.RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
                                       "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
@@ -450,7 +450,7 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
 
 
 def _rms(run: Run, version: int) -> dict:
-    return {k: run.output(f"v{version}.reward", k) for k in ("helpfulness", "safety")}
+    return {k: run.output(f"v{version}.reward", k) for k in AXES}
 
 
 def _latest_policy(run: Run, version: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from llama2.formats import RATINGS
+from llama2.formats import AXES, RATINGS
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -75,7 +75,7 @@ def _rating_accuracy(ev: dict) -> dict[str, dict[str, float]]:
 def plot_reward_accuracy(run: Path):
     evals = []
     for v in _versions(run):
-        for axis in ("helpfulness", "safety"):
+        for axis in AXES:
             ev = _json(v / f"reward_{axis}" / "eval" / "eval.json")
             if ev:
                 evals.append((f"{v.name} {axis} RM", _rating_accuracy(ev)))

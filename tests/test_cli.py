@@ -129,7 +129,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llama2.data.info_cli", interrupted)  # Ctrl-C somewhere inside a command
+    monkeypatch.setattr("llama2.data_cli.info_cli", interrupted)  # Ctrl-C somewhere inside a command
     assert cli(["data", "info"]) == 130
     assert capsys.readouterr().err == "\ninterrupted\n"
 
