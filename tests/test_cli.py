@@ -42,6 +42,7 @@ def evaluated(policy, world_dir, tmp_path_factory):
 def test_evaluate_command(evaluated, capsys):
     code, out = evaluated
     assert code == 0
+    assert torch.is_grad_enabled()  # run in-process, it leaves the caller's autograd state alone
     result = json.loads((out / "eval.json").read_text())
     assert result["prompts"] == 8 and set(result["models"]) == {"model", "baseline0"}
     for judge in ("graders", "reward_models"):

@@ -175,8 +175,8 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def main(cfg: EvaluateConfig, resume: bool = False) -> int:
-    torch.set_grad_enabled(False)
-    result = compare_models(cfg)
+    with torch.no_grad():  # not set_grad_enabled(False): the caller's autograd state is its own
+        result = compare_models(cfg)
     save_config(cfg, Path(cfg.out_dir) / "config.yaml")
     for line in summary_lines(result):
         print(line)
