@@ -9,7 +9,7 @@ BIN     = $(VENV)/bin
 # spin (llama2/__init__.py chooses the policy for a job alone on the cores).
 test test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo chat test test-fast bench clean
+.PHONY: setup browser demo chat test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 setup: $(BIN)/.installed
+
+# A real browser for the tests that check pages as a reader sees them: Debian's Chromium and its
+# driver (selenium drives them). Needs root or sudo on a fresh machine; `.ci/run` runs it.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 demo: setup
 	$(BIN)/llama2 pipeline --config configs/pipeline/tiny.yaml
