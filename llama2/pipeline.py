@@ -5,7 +5,8 @@
 built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…Vn:
     a weekly preference batch sampled from the latest model(s) and annotated (§3.2.1)
     -> helpfulness and safety reward models retrained on every batch so far (§3.2.2)
-    -> rejection sampling from the latest model, pooled over all versions (§3.2.3)
+    -> rejection sampling from the latest model, pooling earlier versions' best answers from
+       `pool_from_version` on (§3.2.3: from V3)
     -> from `ppo_from_version` on, PPO on top of the rejection-sampling checkpoint (as from V4 in the paper)
     -> evaluation against the SFT model (§3.4)
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
@@ -56,6 +57,10 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     versions: int = 3  # RLHF-V1 ... Vn
     ppo_from_version: int = 3  # PPO on top of rejection sampling from this version on (0 = never)
+    # Rejection sampling pools the best answers of every earlier version from this version on
+    # (§3.2.3: "up to RLHF V3 [...] only from the samples collected from the previous iteration";
+    # from V3 on, all earlier iterations' top samples). 0 = never.
+    pool_from_version: int = 3
     control: bool = True  # train and evaluate the compute-matched extra-SFT control
     # data: the built-in world unless your files are named
     world_seed: int = 0
@@ -272,12 +277,16 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
     batches = [run.output(f"v{v}.annotate", "pairs") for v in range(1, version + 1)]
     extra = run.files(cfg.extra_preferences, "preferences/offline_train.jsonl")
     held_out = [] if cfg.extra_preferences else run.files([], "preferences/offline_test.jsonl")
+    # The extra pairs play the open-source datasets' part in the mixes (§3.2.2)
+    open_source = sorted({r["source"] for p in extra for r in read_records(p, "preferences")})
+    mix = {"open_source": open_source, **cfg.reward.get("mix", {})}
     outputs = {}
     for objective in ("helpfulness", "safety"):
         d = out.parent / f"reward_{objective}"
-        rc = from_dict(reward_model.RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
-                                      "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
-                                      "device": cfg.device}, "pipeline.reward")
+        rc = from_dict(reward_model.RewardConfig,
+                       {**cfg.reward, "mix": mix, "out_dir": str(d), "model": model, "objective": objective,
+                        "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed, "device": cfg.device},
+                       "pipeline.reward")
         reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
         report_on_policy_accuracy(cfg, d / "eval" / "eval.json", objective, version)
@@ -309,9 +318,17 @@ def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: s
           f"batch {version}{note}", flush=True)
 
 
+def earlier_pools(run: Run, cfg: PipelineConfig, version: int) -> list[str]:
+    """The pool files of earlier versions that version `version`'s rejection sampling selects from
+    beside its own samples: none before `pool_from_version`, all of them from it on (§3.2.3)."""
+    if not cfg.pool_from_version or version < cfg.pool_from_version:
+        return []
+    return sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
+
+
 def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,
                              rms: dict) -> dict:
-    pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
+    pools = earlier_pools(run, cfg, version)
     over = dict(cfg.rejection_sampling)
     if over.get("replay_examples") and not over.get("replay"):
         over["replay"] = run.files(cfg.sft_train, "sft/train.jsonl")  # the run's SFT dialogs

@@ -166,3 +166,23 @@ def test_reward_model_at_chance_on_the_policy_answers_is_reported(tmp_path, caps
     assert lines[3].endswith("safety RM: accuracy 0.545 [0.347, 0.731] on 22 held-out pairs of batch 1: "
                              "too few pairs to tell it from chance")
     assert len(lines) == 4
+
+
+def test_rejection_sampling_pools_earlier_versions_from_v3(tmp_path):
+    """§3.2.3: up to RLHF-V2 only the current samples; from V3 on, every earlier version's best answers."""
+    from llama2.pipeline import Run, earlier_pools
+
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path}", "versions=4"])
+    run = Run(cfg)
+    for v in (1, 2, 3):
+        pool = run.root / f"v{v}" / "rejection_sampling" / "pool"
+        pool.mkdir(parents=True)
+        (pool / "iter-1.jsonl").write_text("")
+    assert cfg.pool_from_version == 3
+    assert earlier_pools(run, cfg, 1) == [] and earlier_pools(run, cfg, 2) == []
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 3)] == ["v1", "v2"]
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 4)] == ["v1", "v2", "v3"]
+    cfg.pool_from_version = 2
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 2)] == ["v1"]
+    cfg.pool_from_version = 0
+    assert earlier_pools(run, cfg, 4) == []
