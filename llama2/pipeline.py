@@ -37,6 +37,7 @@ from llama2.gated_reward import prompt_axis
 from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
 from llama2.report import write_report
+from llama2.reward_scoring import RewardScorer
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
@@ -289,33 +290,68 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
                        "pipeline.reward")
         reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
-        report_on_policy_accuracy(cfg, d / "eval" / "eval.json", objective, version)
+        on_policy = on_policy_accuracy(outputs[objective], batches[-1], objective)
+        (d / "eval" / "on_policy.json").write_text(json.dumps(on_policy, indent=1) + "\n")
+        outputs[f"{objective}_on_policy"] = on_policy
+        report_on_policy_accuracy(cfg, on_policy, objective, version)
     return outputs
 
 
-def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: str, version: int) -> None:
-    """Print the reward model's accuracy on this batch's held-out pairs (the policy's own answers),
-    and say so when it is at chance (its 95% interval holds 0.5, over at least 50 pairs) while
-    rejection sampling or PPO still optimise it (`reward_axes`)."""
-    if not eval_json.is_file():
+def on_policy_accuracy(rm_path: str, pairs_file: str, objective: str) -> dict:
+    """A reward model on its batch's held-out pairs (two answers of the policy being improved):
+    accuracy against the annotators' labels on every pair, and on the pairs the world's noiseless
+    graders rank (`meta.grader_gap` != 0) against the labels and against the graders, each with its
+    95% Wilson interval. Pairs whose answers the graders score the same (mostly both wrong) are a
+    coin flip for any judge, so an honest test of a reward model leaves them out."""
+    pairs = [p for p in read_records(pairs_file, "preferences") if p["split"] == "test" and p["axis"] == objective]
+    if not pairs:
+        return {}
+    scorer = RewardScorer(rm_path)
+    dialogs = [p["messages"] for p in pairs]
+    diff = (scorer.score(dialogs, [p["chosen"] for p in pairs])
+            - scorer.score(dialogs, [p["rejected"] for p in pairs])).tolist()
+    return accuracy_against_truth(diff, [(p.get("meta") or {}).get("grader_gap") for p in pairs])
+
+
+def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
+    """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
+    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
+    agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
+    ranked = [i for i, g in enumerate(gaps) if g]
+    vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
+
+    def accuracy(correct: list[float]) -> dict:
+        n, k = len(correct), sum(correct)
+        return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
+
+    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
+            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
+
+
+def report_on_policy_accuracy(cfg: PipelineConfig, got: dict, objective: str, version: int) -> None:
+    """Print `on_policy_accuracy`, and say so when the reward model is at chance against the
+    graders (the interval holds 0.5, over at least 50 ranked pairs) while rejection sampling or
+    PPO still optimise it (`reward_axes`)."""
+    if not got:
         return
-    got = json.loads(eval_json.read_text()).get("test_sets", {}).get(f"batch{version}/{objective}")
-    if not got or not got.get("pairs"):
-        return
-    n, acc = got["pairs"], got["accuracy"]
-    lo, hi = wilson_interval(round(acc * n), n)
+    ranked, truth = got["graders_ranked"], got["labels_ranked"]
+    n, lo = ranked["n"], ranked["ci95"][0]
     stages = ["rejection_sampling"] + (["ppo"] if f"v{version}.ppo" in stage_names(cfg) else [])
     users = [stage for stage in stages
              if objective in (getattr(cfg, stage) or {}).get("reward_axes", AXES)]
     note = ""
-    if lo <= 0.5 and n < 50:
-        note = ": too few pairs to tell it from chance"
+    if n < 50:
+        note = ": too few ranked pairs to tell it from chance"
     elif lo <= 0.5:
         note = (f": at chance, yet {' and '.join(users)} optimise{'s' if len(users) == 1 else ''} it "
                 f"(see reward_axes)" if users
                 else ": at chance; left out of reward_axes")
-    print(f"[pipeline]   {objective} RM: accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} held-out pairs of "
-          f"batch {version}{note}", flush=True)
+    def fmt(a: dict) -> str:
+        return "n/a" if a["accuracy"] is None else f"{a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+
+    print(f"[pipeline]   {objective} RM on batch {version}'s {got['pairs']} held-out pairs ({got['grader_ties']} that "
+          f"the graders tie): on the {n} they rank, {fmt(ranked)} vs the graders, {fmt(truth)} vs the annotators; "
+          f"all pairs {fmt(got['labels_all'])} vs the annotators{note}", flush=True)
 
 
 def earlier_pools(run: Run, cfg: PipelineConfig, version: int) -> list[str]:
@@ -381,6 +417,9 @@ def summarize(run: Run, cfg: PipelineConfig) -> dict:
             "false_refusal_helpful": ev["model"]["false_refusal_helpful"],
             "false_refusal_borderline": ev["model"]["false_refusal_borderline"],
             "win_rate_vs_sft": ev["vs_baseline0"],
+            # the reward models that trained this version, on its batch's held-out pairs
+            "reward_models_on_policy": {objective: run.state["done"].get(f"v{v}.reward", {}).get(f"{objective}_on_policy")
+                                        for objective in AXES},
         }
     last = json.loads(Path(run.output(f"v{final_v}.eval", "eval")).read_text())
     summary["sft"] = {k: last["baseline0"][k] for k in ("helpfulness", "false_refusal_helpful", "false_refusal_borderline")}
