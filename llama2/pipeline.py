@@ -5,7 +5,8 @@
 built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…Vn:
     a weekly preference batch sampled from the latest model(s) and annotated (§3.2.1)
     -> helpfulness and safety reward models retrained on every batch so far (§3.2.2)
-    -> rejection sampling from the latest model, pooled over all versions (§3.2.3)
+    -> rejection sampling from the latest model, pooling earlier versions' best answers from
+       `pool_from_version` on (§3.2.3: from V3)
     -> from `ppo_from_version` on, PPO on top of the rejection-sampling checkpoint (as from V4 in the paper)
     -> evaluation against the SFT model (§3.4)
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
@@ -36,6 +37,7 @@ from llama2.gated_reward import prompt_axis
 from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
 from llama2.report import write_report
+from llama2.reward_scoring import RewardScorer
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
@@ -56,6 +58,10 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     versions: int = 3  # RLHF-V1 ... Vn
     ppo_from_version: int = 3  # PPO on top of rejection sampling from this version on (0 = never)
+    # Rejection sampling pools the best answers of every earlier version from this version on
+    # (§3.2.3: "up to RLHF V3 [...] only from the samples collected from the previous iteration";
+    # from V3 on, all earlier iterations' top samples). 0 = never.
+    pool_from_version: int = 3
     control: bool = True  # train and evaluate the compute-matched extra-SFT control
     # data: the built-in world unless your files are named
     world_seed: int = 0
@@ -272,46 +278,93 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
     batches = [run.output(f"v{v}.annotate", "pairs") for v in range(1, version + 1)]
     extra = run.files(cfg.extra_preferences, "preferences/offline_train.jsonl")
     held_out = [] if cfg.extra_preferences else run.files([], "preferences/offline_test.jsonl")
+    # The extra pairs play the open-source datasets' part in the mixes (§3.2.2)
+    open_source = sorted({r["source"] for p in extra for r in read_records(p, "preferences")})
+    mix = {"open_source": open_source, **cfg.reward.get("mix", {})}
     outputs = {}
     for objective in AXES:
         d = out.parent / f"reward_{objective}"
-        rc = from_dict(reward_model.RewardConfig, {**cfg.reward, "out_dir": str(d), "model": model, "objective": objective,
-                                      "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed,
-                                      "device": cfg.device}, "pipeline.reward")
+        rc = from_dict(reward_model.RewardConfig,
+                       {**cfg.reward, "mix": mix, "out_dir": str(d), "model": model, "objective": objective,
+                        "train_data": batches + extra, "eval_data": held_out, "seed": cfg.seed, "device": cfg.device},
+                       "pipeline.reward")
         reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
-        report_on_policy_accuracy(cfg, d / "eval" / "eval.json", objective, version)
+        on_policy = on_policy_accuracy(outputs[objective], batches[-1], objective)
+        (d / "eval" / "on_policy.json").write_text(json.dumps(on_policy, indent=1) + "\n")
+        outputs[f"{objective}_on_policy"] = on_policy
+        report_on_policy_accuracy(cfg, on_policy, objective, version)
     return outputs
 
 
-def report_on_policy_accuracy(cfg: PipelineConfig, eval_json: Path, objective: str, version: int) -> None:
-    """Print the reward model's accuracy on this batch's held-out pairs (the policy's own answers),
-    and say so when it is at chance (its 95% interval holds 0.5, over at least 50 pairs) while
-    rejection sampling or PPO still optimise it (`reward_axes`)."""
-    if not eval_json.is_file():
+def on_policy_accuracy(rm_path: str, pairs_file: str, objective: str) -> dict:
+    """A reward model on its batch's held-out pairs (two answers of the policy being improved):
+    accuracy against the annotators' labels on every pair, and on the pairs the world's noiseless
+    graders rank (`meta.grader_gap` != 0) against the labels and against the graders, each with its
+    95% Wilson interval. Pairs whose answers the graders score the same (mostly both wrong) are a
+    coin flip for any judge, so an honest test of a reward model leaves them out."""
+    pairs = [p for p in read_records(pairs_file, "preferences") if p["split"] == "test" and p["axis"] == objective]
+    if not pairs:
+        return {}
+    scorer = RewardScorer(rm_path)
+    dialogs = [p["messages"] for p in pairs]
+    diff = (scorer.score(dialogs, [p["chosen"] for p in pairs])
+            - scorer.score(dialogs, [p["rejected"] for p in pairs])).tolist()
+    return accuracy_against_truth(diff, [(p.get("meta") or {}).get("grader_gap") for p in pairs])
+
+
+def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
+    """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
+    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
+    agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
+    ranked = [i for i, g in enumerate(gaps) if g]
+    vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
+
+    def accuracy(correct: list[float]) -> dict:
+        n, k = len(correct), sum(correct)
+        return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
+
+    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
+            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
+
+
+def report_on_policy_accuracy(cfg: PipelineConfig, got: dict, objective: str, version: int) -> None:
+    """Print `on_policy_accuracy`, and say so when the reward model is at chance against the
+    graders (the interval holds 0.5, over at least 50 ranked pairs) while rejection sampling or
+    PPO still optimise it (`reward_axes`)."""
+    if not got:
         return
-    got = json.loads(eval_json.read_text()).get("test_sets", {}).get(f"batch{version}/{objective}")
-    if not got or not got.get("pairs"):
-        return
-    n, acc = got["pairs"], got["accuracy"]
-    lo, hi = wilson_interval(round(acc * n), n)
+    ranked, truth = got["graders_ranked"], got["labels_ranked"]
+    n, lo = ranked["n"], ranked["ci95"][0]
     stages = ["rejection_sampling"] + (["ppo"] if f"v{version}.ppo" in stage_names(cfg) else [])
     users = [stage for stage in stages
              if objective in (getattr(cfg, stage) or {}).get("reward_axes", AXES)]
     note = ""
-    if lo <= 0.5 and n < 50:
-        note = ": too few pairs to tell it from chance"
+    if n < 50:
+        note = ": too few ranked pairs to tell it from chance"
     elif lo <= 0.5:
         note = (f": at chance, yet {' and '.join(users)} optimise{'s' if len(users) == 1 else ''} it "
                 f"(see reward_axes)" if users
                 else ": at chance; left out of reward_axes")
-    print(f"[pipeline]   {objective} RM: accuracy {acc:.3f} [{lo:.3f}, {hi:.3f}] on {n} held-out pairs of "
-          f"batch {version}{note}", flush=True)
+    def fmt(a: dict) -> str:
+        return "n/a" if a["accuracy"] is None else f"{a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+
+    print(f"[pipeline]   {objective} RM on batch {version}'s {got['pairs']} held-out pairs ({got['grader_ties']} that "
+          f"the graders tie): on the {n} they rank, {fmt(ranked)} vs the graders, {fmt(truth)} vs the annotators; "
+          f"all pairs {fmt(got['labels_all'])} vs the annotators{note}", flush=True)
+
+
+def earlier_pools(run: Run, cfg: PipelineConfig, version: int) -> list[str]:
+    """The pool files of earlier versions that version `version`'s rejection sampling selects from
+    beside its own samples: none before `pool_from_version`, all of them from it on (§3.2.3)."""
+    if not cfg.pool_from_version or version < cfg.pool_from_version:
+        return []
+    return sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
 
 
 def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,
                              rms: dict) -> dict:
-    pools = sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
+    pools = earlier_pools(run, cfg, version)
     over = dict(cfg.rejection_sampling)
     if over.get("replay_examples") and not over.get("replay"):
         over["replay"] = run.files(cfg.sft_train, "sft/train.jsonl")  # the run's SFT dialogs
@@ -364,6 +417,9 @@ def summarize(run: Run, cfg: PipelineConfig) -> dict:
             "false_refusal_helpful": ev["model"]["false_refusal_helpful"],
             "false_refusal_borderline": ev["model"]["false_refusal_borderline"],
             "win_rate_vs_sft": ev["vs_baseline0"],
+            # the reward models that trained this version, on its batch's held-out pairs
+            "reward_models_on_policy": {objective: run.state["done"].get(f"v{v}.reward", {}).get(f"{objective}_on_policy")
+                                        for objective in AXES},
         }
     last = json.loads(Path(run.output(f"v{final_v}.eval", "eval")).read_text())
     summary["sft"] = {k: last["baseline0"][k] for k in ("helpfulness", "false_refusal_helpful", "false_refusal_borderline")}

@@ -48,23 +48,32 @@ def read_pairs(paths: Sequence[str | Path]) -> list[PairRow]:
 
 
 def mix_pairs(rows: Sequence[PairRow], objective: str, other_share: float | None = None,
-              main_sources: Sequence[str] = (), seed: int = 0) -> tuple[list[PairRow], dict]:
+              main_sources: Sequence[str] = (), seed: int = 0,
+              open_source: Sequence[str] = ()) -> tuple[list[PairRow], dict]:
     """The training mix of one reward model (§3.2.2) and a summary naming its sources.
 
-    Main pairs: every pair of the objective's axis (and of `main_sources`, e.g. harmless
-    open-source data for the safety RM). Other pairs are sampled uniformly without replacement
-    so that they make up `other_share` of the mix (0.5: "an equal amount" for helpfulness; 0.1:
-    the safety RM's 90/10); when there are too few, all are taken and the shortfall reported.
+    Main pairs: the pairs of the objective's axis (and of `main_sources`). For the helpfulness RM
+    these are your own annotations only: pairs of an `open_source` source belong to the rest,
+    from which "an equal amount [is] uniformly sampled from Meta Safety and from the open-source
+    datasets"; the safety RM's main data is every safety pair ("all Meta Safety and Anthropic
+    Harmless data"), open-source or not. Other pairs are sampled uniformly without replacement so
+    that they make up `other_share` of the mix (0.5 for helpfulness; 0.1, the safety RM's 90/10);
+    when there are too few, all are taken and the shortfall reported.
     """
     if objective not in AXES:
         raise ValueError(f"objective: expected one of {', '.join(AXES)}, got {objective!r}")
     share = PAPER_OTHER_SHARE[objective] if other_share is None else other_share
     if not 0 <= share < 1:
         raise ValueError(f"mix.other_share: expected a share in [0, 1), got {share}")
-    main = [r for r in rows if r.record["axis"] == objective or r.record["source"] in main_sources]
+    def is_main(r: PairRow) -> bool:
+        if r.record["source"] in main_sources:
+            return True
+        return r.record["axis"] == objective and not (objective == "helpfulness" and r.record["source"] in open_source)
+
+    main = [r for r in rows if is_main(r)]
     if not main:
-        raise ValueError(f"no {objective} pairs in the training data (check the files' 'axis' fields)")
-    pool = [r for r in rows if not (r.record["axis"] == objective or r.record["source"] in main_sources)]
+        raise ValueError(f"no {objective} pairs in the training data (check the files' 'axis' and 'source' fields)")
+    pool = [r for r in rows if not is_main(r)]
     wanted = round(len(main) * share / (1 - share))
     other = random.Random(seed).sample(pool, min(wanted, len(pool)))
     def count(rs: list[PairRow]) -> dict[str, int]:

@@ -13,11 +13,14 @@ import base64
 import html
 import io
 import json
+import random
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from llama2.formats import AXES, RATINGS
+from llama2.formats import AXES, RATINGS, read_records
+from llama2.recipes.evaluate import wilson_interval
+from llama2.world.grading import grade_helpfulness
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -198,15 +201,104 @@ def _cell(c) -> str:
     return f"{c:.3f}" if isinstance(c, float) else str(c)
 
 
+def _interval(w: dict) -> str:
+    return f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
+
+
+def _rm_accuracy(acc: dict | None) -> str:
+    """On-policy accuracy of a reward model against the graders, on the pairs they rank."""
+    if not acc or not acc.get("graders_ranked", {}).get("n"):
+        return "–"
+    g = acc["graders_ranked"]
+    return f"{g['accuracy']:.3f} [{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}] (n={g['n']})"
+
+
+def headline(run: Path, summary: dict) -> str:
+    """Each version and the control against SFT: win rate by the graders with its interval and
+    ties, helpfulness, violations, false refusals, and the on-policy accuracy of the reward models
+    that trained the version."""
+    sft = summary.get("sft", {})
+    rows = [["SFT", "–", "–", sft.get("helpfulness"), sft.get("violation_rate"), sft.get("false_refusal_helpful"),
+             sft.get("false_refusal_borderline"), "–", "–"]]
+    for name, v in summary.get("versions", {}).items():
+        w = v["win_rate_vs_sft"]["graders"]
+        rm = v.get("reward_models_on_policy") or {}
+        rows.append([name, _interval(w), f"{w['wins']}W / {w['losses']}L / {w['ties']}T", v["helpfulness"],
+                     v["violation_rate"], v["false_refusal_helpful"], v["false_refusal_borderline"],
+                     _rm_accuracy(rm.get("helpfulness")), _rm_accuracy(rm.get("safety"))])
+    if "control" in summary and "final_vs_control" in summary:
+        c, w = summary["control"], summary["final_vs_control"]["graders"]
+        rows.append(["final vs the extra-SFT control", _interval(w), f"{w['wins']}W / {w['losses']}L / {w['ties']}T",
+                     c.get("helpfulness"), c.get("violation_rate"), "–", "–", "–", "–"])
+    return _table(rows, ["model", "win rate vs SFT (graders), 95% CI", "wins / losses / ties", "helpfulness",
+                         "violation rate", "false refusals (helpful)", "false refusals (borderline)",
+                         "helpfulness RM on-policy accuracy vs graders", "safety RM on-policy accuracy vs graders"])
+
+
+def family_win_rates(run: Path) -> str:
+    """Per task family, each version's win rate over SFT by the graders (ties apart), from the
+    graded answers of every evaluation."""
+    per_version = [(v.name, _jsonl(v / "eval" / "answers.jsonl")) for v in _versions(run)]
+    per_version = [(n, rows) for n, rows in per_version if rows and "baseline0_grade" in rows[0]]
+    if not per_version:
+        return ""
+    families = sorted({r.get("task") or "?" for _, rows in per_version for r in rows})
+    table = []
+    for family in families:
+        row = [family]
+        for _, rows in per_version:
+            mine = [r for r in rows if (r.get("task") or "?") == family]
+            win = sum(r["model_grade"] > r["baseline0_grade"] for r in mine)
+            loss = sum(r["model_grade"] < r["baseline0_grade"] for r in mine)
+            w = {"win_rate": win / (win + loss) if win + loss else 0.5, "ci95": list(wilson_interval(win, win + loss))}
+            row.append(f"{_interval(w)} {win}W/{loss}L/{len(mine) - win - loss}T")
+        table.append(row)
+    return _table(table, ["task family"] + [f"{n} vs SFT" for n, _ in per_version])
+
+
+def examples(run: Path, summary: dict, n: int = 12, seed: int = 0) -> str:
+    """SFT's and the final model's answers to the same randomly chosen evaluation prompts, with the
+    graders' scores and reasons (the paper's way of showing what changed)."""
+    final = _versions(run)[-1] if _versions(run) else None
+    rows = _jsonl(final / "eval" / "answers.jsonl") if final else []
+    ev = _json(final / "eval" / "eval.json") if final else None
+    files = (ev or {}).get("prompt_files") or [str(run / "world" / "prompts" / "eval.jsonl")]
+    records = {r["id"]: r for f in files if Path(f).is_file() for r in read_records(f, "prompts")}
+    rows = [r for r in rows if r["id"] in records and "baseline0" in r]
+    if not rows:
+        return ""
+    pick = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    cells = []
+    for i in pick:
+        r, rec = rows[i], records[rows[i]["id"]]
+        prompt = rec["messages"][-1]["content"]
+        graded = []
+        for key in ("baseline0", "model"):
+            g = grade_helpfulness(rec, r[key])
+            why = "; ".join(g.reasons) or "correct"
+            graded.append(f"<td><div>{html.escape(r[key])}</div><div class='why'>{g.score:.2f}: "
+                          f"{html.escape(why)}</div></td>")
+        cells.append(f"<tr><td>{html.escape(r.get('task') or '?')}</td><td>{html.escape(prompt)}</td>{''.join(graded)}</tr>")
+    return ("<table class='examples'><tr><th>family</th><th>prompt</th><th>SFT</th><th>final "
+            f"({html.escape(final.name)})</th></tr>{''.join(cells)}</table>")
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """The page leads with the answer (the headline table, per family), then the plots, then
+    example answers side by side; the raw summary comes last."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run directory")
     out = Path(out) if out else run / "report.html"
     parts = [f"<h1>Llama 2 recipe run: {html.escape(str(run))}</h1>"]
-    summary = _json(run / "summary.json")
-    if summary:
-        parts.append("<h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
+    summary = _json(run / "summary.json") or {}
+    if summary.get("versions"):
+        parts.append("<h2>Each version against SFT</h2>" + headline(run, summary))
+        if summary.get("final_model"):
+            parts.append(f"<p>final model: <code>{html.escape(summary['final_model'])}</code></p>")
+    by_family = family_win_rates(run)
+    if by_family:
+        parts.append("<h2>Win rate by task family (graders)</h2>" + by_family)
     rows = []
     for name, ev in win_rates(run):
         m = ev["model"]
@@ -214,18 +306,25 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         rows.append([name, m["helpfulness"], m.get("safety", {}).get("violation_rate", float("nan")),
                      m["false_refusal_helpful"], m["false_refusal_borderline"], g.get("win_rate", float("nan")),
                      f"[{g.get('ci95', [0, 0])[0]:.3f}, {g.get('ci95', [0, 0])[1]:.3f}]", g.get("tie_rate", float("nan"))])
-    if rows:
+    if rows and not summary.get("versions"):  # a run still going: what its evaluations say so far
         parts.append("<h2>Evaluation per version</h2>" + _table(
             rows, ["version", "helpfulness", "violation rate", "false refusal (helpful)", "false refusal (borderline)",
                    "win rate vs SFT (graders)", "95% CI", "ties"]))
-    for title, fn in [("Training losses", plot_losses), ("Reward-model accuracy by rating (Tables 7–8)", plot_reward_accuracy),
-                      ("Best-of-N (Figures 7–8)", plot_best_of_n), ("PPO", plot_ppo), ("Reward distributions per version", plot_reward_distributions),
-                      ("Win rate per version (Figure 11)", plot_win_rates)]:
+    for title, fn in [("Win rate per version (Figure 11)", plot_win_rates), ("Training losses", plot_losses),
+                      ("Reward-model accuracy by rating (Tables 7–8)", plot_reward_accuracy),
+                      ("Best-of-N (Figures 7–8)", plot_best_of_n), ("PPO", plot_ppo),
+                      ("Reward distributions per version", plot_reward_distributions)]:
         img = fn(run)
         if img:
             parts.append(f"<h2>{title}</h2><img src='{img}'>")
+    side_by_side = examples(run, summary)
+    if side_by_side:
+        parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)
+    if summary:
+        parts.append("<h2>Raw summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
     style = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+             "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;vertical-align:top}.why{color:#666;font-size:12px;margin-top:4px}"
              "img{max-width:100%}</style>")
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>llama2 report</title>{style}</head>"
                    f"<body>{''.join(parts)}</body></html>\n")

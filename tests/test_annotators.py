@@ -83,9 +83,15 @@ def test_batch_pairs_are_well_formed_and_accounted_for(big_batch):
     assert stats.pairs == len(pairs) > 2500
     assert stats.ties > 0  # two arms sometimes say the same thing: skipped, counted
     fields = {"id", "messages", "chosen", "rejected", "rating", "axis", "safety_label", "source", "batch",
-              "split", "task"}
+              "split", "task", "meta"}
+    by_id = {r["id"]: r for r in records}
     for p in pairs:
         assert set(p) == fields and p["chosen"].strip() != p["rejected"].strip()
+        # the truth a real batch would not carry: the prompt, and the noiseless graders' score gap
+        record = by_id[p["meta"]["prompt_id"]]
+        assert record["messages"] == p["messages"]
+        gap = A.score(record, p["chosen"], p["axis"]) - A.score(record, p["rejected"], p["axis"])
+        assert p["meta"]["grader_gap"] == pytest.approx(gap, abs=1e-6)
         check_record(p, "preferences")  # the world core's validator
         assert p["batch"] == 3 and p["source"] == "simulated" and p["rating"] in RATINGS
         assert p["split"] in ("train", "test")

@@ -11,6 +11,9 @@ def test_wilson_interval_textbook_value():
     assert ev.wilson_interval(0, 0) == (0.0, 1.0)
     lo, hi = ev.wilson_interval(0, 20)
     assert lo == 0.0 and 0 < hi < 0.2
+    for n in (1, 20, 19, 1000):  # all wins: the interval ends at 1 exactly and holds the rate
+        lo, hi = ev.wilson_interval(n, n)
+        assert hi == 1.0 and lo < 1.0
 
 
 def test_win_rate_counts_ties_apart():

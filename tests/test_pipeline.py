@@ -142,27 +142,58 @@ def test_configuration_is_checked_before_any_work(tmp_path, world_dir):
         Run(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'z'}"])).forget_from("v9.ppo", ["world"])
 
 
-def test_reward_model_at_chance_on_the_policy_answers_is_reported(tmp_path, capsys):
-    from llama2.pipeline import report_on_policy_accuracy
+def test_reward_model_accuracy_on_the_policy_answers_is_measured_on_what_the_graders_rank(tmp_path, capsys):
+    from llama2.pipeline import accuracy_against_truth, report_on_policy_accuracy
 
-    eval_json = tmp_path / "eval.json"
-    eval_json.write_text(json.dumps({"test_sets": {"batch2/helpfulness": {"pairs": 100, "accuracy": 0.53},
-                                                   "batch2/safety": {"pairs": 200, "accuracy": 0.8}}}))
+    # 6 pairs: the RM's score differences, the graders' gaps (chosen - rejected; 0 = a tie)
+    diff = [1.0, 0.5, -0.2, 0.0, 0.3, -1.0]
+    gaps = [0.4, -0.5, -0.1, 0.2, 0.0, 0.0]
+    got = accuracy_against_truth(diff, gaps)
+    assert got["pairs"] == 6 and got["grader_ties"] == 2
+    # vs the annotators' labels (chosen is the label): 1, 1, 0, half, 1, 0 -> 3.5 / 6
+    assert got["labels_all"]["accuracy"] == pytest.approx(3.5 / 6)
+    # the 4 ranked pairs: vs labels 1, 1, 0, half; vs graders 1 (same sign), 0, 1, half
+    assert got["labels_ranked"]["n"] == got["graders_ranked"]["n"] == 4
+    assert got["labels_ranked"]["accuracy"] == pytest.approx(2.5 / 4)
+    assert got["graders_ranked"]["accuracy"] == pytest.approx(2.5 / 4)
+
     shipped = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}"])  # trusts the safety RM only
     paper = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}",
                                                "rejection_sampling.reward_axes=[helpfulness,safety]"])
-    report_on_policy_accuracy(shipped, eval_json, "helpfulness", 2)
-    report_on_policy_accuracy(paper, eval_json, "helpfulness", 2)
-    report_on_policy_accuracy(paper, eval_json, "safety", 2)
-    report_on_policy_accuracy(paper, eval_json, "safety", 1)  # no such batch: nothing to say
-    eval_json.write_text(json.dumps({"test_sets": {"batch1/safety": {"pairs": 22, "accuracy": 0.545}}}))
-    report_on_policy_accuracy(paper, eval_json, "safety", 1)
+    chance = accuracy_against_truth([1.0] * 53 + [-1.0] * 47 + [1.0] * 20, [0.3] * 100 + [0.0] * 20)
+    clear = accuracy_against_truth([1.0] * 160 + [-1.0] * 40, [0.3] * 200)
+    report_on_policy_accuracy(shipped, chance, "helpfulness", 2)
+    report_on_policy_accuracy(paper, chance, "helpfulness", 2)
+    report_on_policy_accuracy(paper, clear, "safety", 2)
+    report_on_policy_accuracy(paper, {}, "safety", 1)  # no held-out pairs: nothing to say
+    report_on_policy_accuracy(paper, accuracy_against_truth([1.0] * 12 + [-1.0] * 10, [0.2] * 22), "safety", 1)
     lines = capsys.readouterr().out.splitlines()
-    # 53 of 100: Wilson 95% interval [0.433, 0.625] holds 0.5
-    assert lines[0].endswith("helpfulness RM: accuracy 0.530 [0.433, 0.625] on 100 held-out pairs of batch 2: "
-                             "at chance; left out of reward_axes")
+    # 53 of 100 ranked: Wilson 95% interval [0.433, 0.625] holds 0.5; the 20 ties are left out
+    assert "helpfulness RM on batch 2's 120 held-out pairs (20 that the graders tie): on the 100 they rank, " \
+           "0.530 [0.433, 0.625] vs the graders" in lines[0]
+    assert lines[0].endswith("at chance; left out of reward_axes")
     assert lines[1].endswith("at chance, yet rejection_sampling optimises it (see reward_axes)")
-    assert lines[2].endswith("safety RM: accuracy 0.800 [0.739, 0.850] on 200 held-out pairs of batch 2")
-    assert lines[3].endswith("safety RM: accuracy 0.545 [0.347, 0.731] on 22 held-out pairs of batch 1: "
-                             "too few pairs to tell it from chance")
+    assert "on the 200 they rank, 0.800 [0.739, 0.850] vs the graders" in lines[2] and "chance" not in lines[2]
+    assert lines[3].endswith("too few ranked pairs to tell it from chance")
     assert len(lines) == 4
+
+
+
+def test_rejection_sampling_pools_earlier_versions_from_v3(tmp_path):
+    """§3.2.3: up to RLHF-V2 only the current samples; from V3 on, every earlier version's best answers."""
+    from llama2.pipeline import Run, earlier_pools
+
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path}", "versions=4"])
+    run = Run(cfg)
+    for v in (1, 2, 3):
+        pool = run.root / f"v{v}" / "rejection_sampling" / "pool"
+        pool.mkdir(parents=True)
+        (pool / "iter-1.jsonl").write_text("")
+    assert cfg.pool_from_version == 3
+    assert earlier_pools(run, cfg, 1) == [] and earlier_pools(run, cfg, 2) == []
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 3)] == ["v1", "v2"]
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 4)] == ["v1", "v2", "v3"]
+    cfg.pool_from_version = 2
+    assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 2)] == ["v1"]
+    cfg.pool_from_version = 0
+    assert earlier_pools(run, cfg, 4) == []

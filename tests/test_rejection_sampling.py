@@ -285,7 +285,10 @@ def rs_overrides(world_dir, start, out, **kw):
             "sft.micro_batch_size": 4, "sft.epochs": 1, "sft.optim.lr": 1e-3, "sft.ckpt_every": 1,
             "sft.log_every": 1,
             # a random policy's answers all run to the 12-token limit: keep them, or nothing is left
-            "drop_truncated": False}
+            "drop_truncated": False,
+            # a fixed temperature: these tests are about sampling, selection and resume (the
+            # pipeline test runs the per-iteration sweep)
+            "retune_temperature": False}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -255,6 +255,14 @@ def test_data_mixes_of_the_two_reward_models():
     mixed, s = mix_pairs(rows_of(100, 150, 30), "safety", main_sources=["harmless-open"], seed=0)
     assert s["main"] == {"harmless-open (safety)": 30, "test (safety)": 150}
     assert s["other"] == {"test (helpfulness)": 20} and len(mixed) == 200  # 180 / 0.9 = 200
+    # Open-source helpfulness pairs are not the helpfulness RM's main data: they join the sampled
+    # rest with the safety pairs (§3.2.2); the safety RM still takes every safety pair as main.
+    rows = rows_of(100, 150) + [PairRow(pair(id=f"g{i}", source="open-help"), "g.jsonl", i) for i in range(60)]
+    mixed, s = mix_pairs(rows, "helpfulness", open_source=["open-help"], seed=0)
+    assert s["main"] == {"test (helpfulness)": 100} and s["other_available"] == 210
+    assert set(s["other"]) == {"test (safety)", "open-help (helpfulness)"} and len(mixed) == 200
+    _, s = mix_pairs(rows, "safety", open_source=["open-help"], seed=0)
+    assert s["main"] == {"test (safety)": 150} and set(s["other"]) == {"test (helpfulness)", "open-help (helpfulness)"}
     # Too few other pairs: all of them, and the shortfall is reported.
     _, s = mix_pairs(rows_of(100, 30), "helpfulness")
     assert s["other_wanted"] == 100 and s["other_available"] == 30 and s["other"] == {"test (safety)": 30}

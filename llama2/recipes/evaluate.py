@@ -58,7 +58,8 @@ def wilson_interval(wins: int, n: int, z: float = 1.959964) -> tuple[float, floa
     p = wins / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval holds p; at p = 0 or 1 its edge is p exactly (rounding would leave it 1e-16 short).
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def win_rate(a: list[float], b: list[float], tie_margin: float = 0.0) -> dict:
@@ -134,7 +135,7 @@ def compare_models(cfg: EvaluateConfig) -> dict:
     models = {"model": cfg.model, **{f"baseline{i}": b for i, b in enumerate(cfg.baselines)}}
     answers = {name: answer(path, records, cfg) for name, path in models.items()}
     judge = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm) if cfg.helpfulness_rm else None
-    result: dict = {"prompts": len(records), "models": models, "decoding": {"temperature": cfg.temperature,
+    result: dict = {"prompts": len(records), "prompt_files": list(cfg.prompts), "models": models, "decoding": {"temperature": cfg.temperature,
                                                                            "top_p": cfg.top_p}}
     graded, rm_scores = {}, {}
     for name in models:

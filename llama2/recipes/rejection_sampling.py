@@ -113,7 +113,7 @@ class RejectionSamplingConfig:
     replay_examples: int = 0
     replay_tasks: list[str] = field(default_factory=list)
     init_from: Literal["policy", "initial"] = "policy"  # fine-tune the sampling model, or `policy` every time
-    retune_temperature: bool = False  # best-of-N sweep before each iteration's sampling (Figure 8)
+    retune_temperature: bool = True  # best-of-N sweep before each iteration's sampling (Figure 8: T re-tuned every iteration)
     temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4])  # the sweep's T
     tune_prompts: int = 32  # prompts in the sweep (a seeded subset)
     tune_n: int = 16  # samples per prompt in the sweep (>= k; the paper's figures go to 100)

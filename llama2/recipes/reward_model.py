@@ -52,6 +52,9 @@ class MixConfig:
     # Sources whose pairs count as main data whatever their axis, e.g. harmless open-source pairs
     # for the safety RM (§3.2.2: "all Meta Safety and Anthropic Harmless data").
     main_sources: list[str] = field(default_factory=list)
+    # Sources of open-source preference data (not your own annotation): their helpfulness pairs
+    # join the helpfulness RM's "other" part with the safety pairs, not its main data (§3.2.2).
+    open_source: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -192,7 +195,7 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
     T = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
     rows = read_pairs(cfg.train_data)
     mixed, summary = mix_pairs([r for r in rows if r.record["split"] == "train"], cfg.objective,
-                               cfg.mix.other_share, cfg.mix.main_sources, cfg.seed)
+                               cfg.mix.other_share, cfg.mix.main_sources, cfg.seed, cfg.mix.open_source)
     train = tokenize_pairs(mixed, fmt, T)
     test = tokenize_pairs([r for r in rows if r.record["split"] == "test"] + read_pairs(cfg.eval_data), fmt, T)
     loader = PairLoader(train.lengths, cfg.batch_size, cfg.micro_batch_size, d.rank, d.world_size, cfg.seed)

@@ -224,6 +224,9 @@ def annotate_batch(records: Sequence[dict], sample_fn: SampleFn, *, variants: Se
             "rejected": judgement.rejected, "rating": judgement.rating, "axis": ax,
             "safety_label": judgement.safety_label, "source": source, "batch": batch,
             "split": "test" if record.get("split") == "test" else "train", "task": record.get("task"),
+            # what the world knows and a real batch would not: the prompt, and the noiseless
+            # graders' score gap (chosen - rejected; 0 = a tie), to measure reward models honestly
+            "meta": {"prompt_id": record.get("id"), "grader_gap": judgement.gap},
         })
     return pairs, stats
 
