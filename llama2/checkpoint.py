@@ -16,13 +16,12 @@ Weights are read with safetensors or `torch.load(weights_only=True)`: no pickled
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, commit_dir, find_tokenizer, short_list,
+from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, find_tokenizer, short_list,
                                     unique_tensors)
 from llama2.gguf_checkpoint import read_gguf
 from llama2.hf_checkpoint import read_hf
@@ -155,17 +154,12 @@ def save_native(
     state = unique_tensors(state, args)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp / NATIVE_WEIGHTS), metadata={"format": "pt"})
         config = {"format": "llama2", "version": 1, "model": args.to_dict(), **(meta or {})}
         (tmp / NATIVE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -8,9 +8,11 @@ directory and rename it into place, so a crash never leaves a half-written check
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,21 +59,25 @@ def find_tokenizer(*dirs: Path) -> Path | None:
     return None
 
 
-def atomic_dir(out_dir: Path) -> Path:
-    """A temporary sibling directory to fill; `commit_dir` renames it into place."""
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """`with atomic_dir(out) as tmp:` fill `tmp`, a sibling of `out`; on success it is renamed into
+    place (replacing an existing `out`: the old one is moved aside first, so a crash never leaves
+    neither), on an error or a kill it is removed. A reader never sees a half-written directory."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def commit_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename a directory filled by `atomic_dir` into place, replacing `out_dir` if it exists."""
-    if out_dir.exists():  # replace: move the old one aside first so a crash never leaves neither
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def unique_tensors(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

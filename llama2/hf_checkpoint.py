@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, commit_dir, find_tokenizer, short_list,
+from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, find_tokenizer, short_list,
                                     unique_tensors)
 from llama2.model import ModelArgs
 from llama2.tokenizer import pad_token_id
@@ -233,8 +232,7 @@ def save_hf(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor]
         hf_name = "score.weight" if args.head == "scalar" and name == "output.weight" else meta_to_hf_name(name)
         hf_state[hf_name] = (t.to(dtype) if dtype else t).contiguous().cpu()
     out_dtype = dtype or next(iter(state.values())).dtype
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(args, tokenizer, out_dtype), indent=2) + "\n")
         gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}  # Llama 2's chat defaults
@@ -242,8 +240,4 @@ def save_hf(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor]
             gen.update(bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids) or tokenizer.eos_id)
             tokenizer.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

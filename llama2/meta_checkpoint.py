@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from llama2.checkpoint_base import CheckpointError, Loaded, atomic_dir, commit_dir, unique_tensors
+from llama2.checkpoint_base import CheckpointError, Loaded, atomic_dir, unique_tensors
 from llama2.model import ModelArgs, meta_ffn_hidden_dim
 from llama2.tokenizer import Tokenizer
 
@@ -122,14 +121,9 @@ def save_meta(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tenso
     if args.tie_embeddings:  # a copy: two names for one storage would be loaded as a tied pair again
         state["output.weight"] = state["tok_embeddings.weight"].clone()
     state = {k: (t.to(dtype) if dtype else t).cpu() for k, t in state.items()}
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         torch.save(state, tmp / "consolidated.00.pth")
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
