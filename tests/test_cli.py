@@ -139,7 +139,10 @@ def test_ctrl_c_in_chat_exits_130(policy):
     # a real SIGINT while `llama2 chat` waits for the user's line
     p = subprocess.Popen([sys.executable, "-m", "llama2", "chat", "--model", str(policy), "--device", "cpu"],
                          cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "LLAMA2_NO_PROGRESS": "1"})
+                         env={**os.environ, "LLAMA2_NO_PROGRESS": "1"},
+                         # a shell that started the suite in the background ignores SIGINT, and a
+                         # child inherits that; the user at a terminal does not
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         banner = p.stderr.readline()  # printed once the model is loaded, just before input()
         assert banner.startswith("[llama2]") and "parameters" in banner, banner
