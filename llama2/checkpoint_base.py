@@ -9,6 +9,7 @@ directory and rename it into place, so a crash never leaves a half-written check
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,6 +58,14 @@ def find_tokenizer(*dirs: Path) -> Path | None:
             if (d / name).is_file():
                 return d
     return None
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, params.json); invalid JSON names the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
 
 
 @contextlib.contextmanager

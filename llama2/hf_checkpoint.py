@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, find_tokenizer, short_list,
+from llama2.checkpoint_base import (CheckpointError, Loaded, atomic_dir, read_json, find_tokenizer, short_list,
                                     unique_tensors)
 from llama2.model import ModelArgs
 from llama2.tokenizer import pad_token_id
@@ -153,10 +153,7 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf(path: Path) -> Loaded:
     cfg_file = path / "config.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from None
+    cfg = read_json(cfg_file)
     args = args_from_hf_config(cfg, str(cfg_file))
     state, unknown = {}, []
     for name, t in _read_hf_tensors(path).items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama2.checkpoint_base import CheckpointError, Loaded, atomic_dir, unique_tensors
+from llama2.checkpoint_base import CheckpointError, Loaded, atomic_dir, read_json, unique_tensors
 from llama2.model import ModelArgs, meta_ffn_hidden_dim
 from llama2.tokenizer import Tokenizer
 
@@ -37,10 +37,7 @@ def _meta_split_dim(name: str):
 
 def read_meta(path: Path) -> Loaded:
     params_file = path / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{params_file}: invalid JSON: {e}") from None
+    params = read_json(params_file)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: no consolidated.*.pth shards next to params.json")
