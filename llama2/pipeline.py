@@ -308,8 +308,8 @@ def on_policy_accuracy(rm_path: str, pairs_file: str, objective: str) -> dict:
         return {}
     scorer = RewardScorer(rm_path)
     dialogs = [p["messages"] for p in pairs]
-    diff = (scorer.score(dialogs, [p["chosen"] for p in pairs])
-            - scorer.score(dialogs, [p["rejected"] for p in pairs])).tolist()
+    scores = scorer.score(dialogs + dialogs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    diff = (scores[: len(pairs)] - scores[len(pairs):]).tolist()  # both sides in one batched pass
     return accuracy_against_truth(diff, [(p.get("meta") or {}).get("grader_gap") for p in pairs])
 
 

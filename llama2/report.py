@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from llama2.formats import AXES, RATINGS, read_records
-from llama2.recipes.evaluate import wilson_interval
+from llama2.recipes.evaluate import win_rate
 from llama2.world.grading import grade_helpfulness
 
 
@@ -248,10 +248,8 @@ def family_win_rates(run: Path) -> str:
         row = [family]
         for _, rows in per_version:
             mine = [r for r in rows if (r.get("task") or "?") == family]
-            win = sum(r["model_grade"] > r["baseline0_grade"] for r in mine)
-            loss = sum(r["model_grade"] < r["baseline0_grade"] for r in mine)
-            w = {"win_rate": win / (win + loss) if win + loss else 0.5, "ci95": list(wilson_interval(win, win + loss))}
-            row.append(f"{_interval(w)} {win}W/{loss}L/{len(mine) - win - loss}T")
+            w = win_rate([r["model_grade"] for r in mine], [r["baseline0_grade"] for r in mine])
+            row.append(f"{_interval(w)} {w['wins']}W/{w['losses']}L/{w['ties']}T")
         table.append(row)
     return _table(table, ["task family"] + [f"{n} vs SFT" for n, _ in per_version])
 
