@@ -160,6 +160,20 @@ def test_annotate_pair_labels():
     assert j.safety_label is None and j.chosen == gold
 
 
+def test_two_equally_wrong_answers_leave_the_annotator_unsure(big_batch):
+    """A careful person comparing two answers the graders score the same (both wrong, mostly)
+    picks one but says "negligibly better/unsure", however noisy their perception."""
+    _, (pairs, stats) = big_batch
+    ties = [p for p in pairs if p["meta"]["grader_gap"] == 0]
+    assert len(ties) > 100 and stats.grader_ties == len(ties)
+    assert {p["rating"] for p in ties} == {"negligibly better/unsure"}
+    record = _records(7, 0, 0, 1)[0]  # an arithmetic question: both answers score 0
+    loud = A.AnnotatorConfig(noise=2.0)
+    for seed in range(20):
+        j = A.annotate_pair(record, "Banana.", "Purple.", "helpfulness", random.Random(seed), loud)
+        assert j.gap == 0 and j.rating == "negligibly better/unsure"
+
+
 def test_rating_levels_follow_the_thresholds():
     t = (0.5, 0.3, 0.12)
     assert [A.rating_of(g, t) for g in (0.9, 0.5, 0.4, 0.3, 0.2, 0.12, 0.05, 0.0)] == [

@@ -137,6 +137,12 @@ CASES = [
     (LETTERS, 'The word "snail" has four letters.', FAIL, "a wrong number word"),
     (ONCE, 'The letter "l" appears once in "apple".', PASS, "'once' is the count 1"),
     (ONCE, 'The letter "l" appears twice in "apple".', FAIL, "'twice' is the count 2"),
+    (LETTERS, 'The word "shell" has 5 letters.', FAIL, "the right count of another word"),
+    (LETTERS, 'The word snail has 5 letters, like the word shell.', PARTIAL, "also speaks of another word"),
+    (LETTERS, 'The word "snail" has 5 letters.', PASS, "gold"),
+    (ONCE, 'The letter "l" appears once in "apple".', PASS, "the asked letter and word quoted"),
+    (ONCE, 'The letter "l" appears once in "melon".', FAIL, "the right count in another word"),
+    (ONCE, 'The letter "p" appears once in "apple".', FAIL, "the right count of another letter"),
     (ITEMS, "1. melon\n2. bell\n3. mechanic\n4. pocket\nThere are 4 items.", PASS, "line numbers are not answers"),
     (ITEMS, "There are 4 items, one of them is a bell.", PASS, "'one' as a pronoun does not compete"),
     # -- value -------------------------------------------------------------------------------
@@ -175,6 +181,10 @@ CASES = [
     (FIRST, "The first letter of apple is A.", PASS, "capital letter"),
     (LAST, "The last letter of apple is e", PASS, "no full stop, the answer is the last word"),
     (LAST, 'The last letter of "apple" is "l".', FAIL, "wrong letter"),
+    (LAST, 'The last letter of "table" is "e".', FAIL, "the right letter of another word (table ends in e too)"),
+    (FIRST, 'The first letter of "anchor" is "a".', FAIL, "the right letter, said of another word"),
+    (REV, '"ten" backwards is "nep".', FAIL, "the right string, said of another word"),
+    (UPPER, 'In capital letters, "florist" is "FLORIST", as "baker" is "BAKER".', PARTIAL, "also speaks of another word"),
     # -- sequence ----------------------------------------------------------------------------
     (SORTW, "bell, mechanic, melon, pocket, table", FAIL, "the right items plus a wrong extra one"),
     (SORTW, "bell, mechanic, melon, pocket and lamp", FAIL, "an extra item after 'and'"),

@@ -8,7 +8,8 @@ simulated annotators see that through noise, as people do:
 - the 4-level "how much better" rating comes from the *perceived* gap, so a confident rating goes
   with a large real gap and agreement with the noiseless grader falls from "significantly
   better" to "negligibly better/unsure", as it does for human annotators (and the reward model's
-  accuracy does, Table 8);
+  accuracy does, Table 8); two answers the grader scores the same (two wrong answers, mostly)
+  are always "negligibly better/unsure": the pick between them is a coin flip, said as one;
 - on the safety axis the pair also gets the three-way safety label, and a pair whose chosen
   answer is unsafe while the other is safe is dropped (§3.2.1), counted in the batch statistics.
 `annotate_batch` plays one weekly batch: two answers per prompt from two of the configured
@@ -109,7 +110,9 @@ def annotate_pair(record: dict, a: str, b: str, axis: str, rng: random.Random,
     if perceived == 0:
         perceived = rng.choice((-1e-9, 1e-9))
     chosen, rejected, gap = (a, b, sa - sb) if perceived > 0 else (b, a, sb - sa)
-    rating = rating_of(abs(perceived), [t * annotator.scale for t in config.thresholds])
+    # Two answers the graders score the same (mostly both wrong) leave a careful person unsure: a
+    # pick, but no confidence. Otherwise the rating comes from the gap as this annotator sees it.
+    rating = RATINGS[-1] if sa == sb else rating_of(abs(perceived), [t * annotator.scale for t in config.thresholds])
     label, dropped = None, False
     if axis == "safety":
         chosen_safe, other_safe = grade_safety(record, chosen).safe, grade_safety(record, rejected).safe

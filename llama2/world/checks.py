@@ -9,7 +9,8 @@ low) and lenient about phrasing: extra words, echoing the question, capitalisati
 task asks for it) and a short preface such as "Here are three animals:" do not cost points; nor
 do numbers in words, unit abbreviations, plurals or a missing full stop. What an answer denies
 ("not 67") it does not state; a number with a unit must be a true quantity; a fact answer must be
-about the person or place asked about (see tests/test_grader_audit.py for the audited cases).
+about the person or place asked about, and an answer about a quoted word about that word (see
+tests/test_grader_audit.py for the audited cases).
 """
 from __future__ import annotations
 
@@ -296,6 +297,51 @@ def _subject_penalty(ref: dict, response: str, context: str) -> Check | None:
     if mentions(response, subject) or mentions(response, subject.split()[0]):
         return 0.3, [f"also speaks of {others[0]}"]
     return 0.0, [f"answers about {others[0]}, not {subject}"]
+
+
+# -- which word an answer is about: "The word "garden" has 6 letters." does not answer about "dancer"
+
+_QUOTED_WORD = re.compile(r"[\"“]([A-Za-z][A-Za-z-]*[A-Za-z])[\"”]")
+_QUOTED_CHAR = re.compile(r"[\"'“‘]([A-Za-z])[\"'”’]")
+_THE_WORD = re.compile(r"\bword\s+([A-Za-z]{2,})\b", re.IGNORECASE)
+
+
+def _letters(word: str) -> str:
+    return re.sub(r"[^a-z]", "", word.lower())
+
+
+def _named_words(text: str) -> list[str]:
+    """The words a text quotes or calls "the word X"."""
+    return _QUOTED_WORD.findall(text) + _THE_WORD.findall(text)
+
+
+def other_words(ref: dict, response: str, context: str) -> list[str]:
+    """On a question about a quoted word (or letter), the words (letters) the response quotes that
+    are neither in the dialog nor the answer itself ("nep", "FLORIST", "p-e-n"): it speaks of
+    another word. Letters count only when the question asks about a quoted letter."""
+    question = _last_user(context)
+    asked = {_letters(w) for w in _QUOTED_WORD.findall(question)}
+    if not asked:
+        return []
+    known = asked | {_letters(w) for w in re.findall(r"[A-Za-z][A-Za-z-]*", context)}
+    answer = ref.get("answer")
+    if isinstance(answer, str):
+        known.add(_letters(answer))
+    found = [w for w in _named_words(response) if _letters(w) not in known]
+    asked_chars = {c.lower() for c in _QUOTED_CHAR.findall(question)}
+    if asked_chars:
+        found += [c for c in _QUOTED_CHAR.findall(response) if c.lower() not in asked_chars]
+    return list(dict.fromkeys(found))
+
+
+def _word_penalty(ref: dict, response: str, context: str) -> Check | None:
+    others = other_words(ref, response, context)
+    if not others:
+        return None
+    asked = _QUOTED_WORD.findall(_last_user(context))
+    if {_letters(w) for w in asked} & {_letters(w) for w in _named_words(response)}:
+        return 0.3, [f"also speaks of {others[0]!r}"]
+    return 0.0, [f"answers about {others[0]!r}, not {asked[-1]!r}"]
 
 
 # -- units: a number that goes with a unit must state a true quantity ------------------------------
@@ -765,5 +811,10 @@ def grade_reference(record: dict, response: str) -> Grade:
                                    answer if isinstance(answer, str) else None)
     if factor == 0.0:
         return Grade(0.0, tuple(common))
-    score, reasons = CHECKS[ref["check"]](ref, response, prompt_text(record))
+    context = prompt_text(record)
+    score, reasons = CHECKS[ref["check"]](ref, response, context)
+    if score > 0 and ref["check"] in ("number", "string", "letter"):
+        penalty = _word_penalty(ref, response, context)
+        if penalty:
+            score, reasons = min(score, penalty[0]), reasons + penalty[1]
     return Grade(round(max(0.0, min(1.0, score * factor)), 4), tuple(reasons + common))
