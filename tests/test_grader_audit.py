@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from llama2.world.checks import ON_TOPIC_CREDIT
 from llama2.world.grading import grade_helpfulness
 
 PASS, FAIL, PARTIAL = (0.9, 1.0), (0.0, 0.35), (0.25, 0.65)
@@ -183,7 +184,8 @@ CASES = [
     (LAST, 'The last letter of "apple" is "l".', FAIL, "wrong letter"),
     (LAST, 'The last letter of "table" is "e".', FAIL, "the right letter of another word (table ends in e too)"),
     (FIRST, 'The first letter of "anchor" is "a".', FAIL, "the right letter, said of another word"),
-    (REV, '"ten" backwards is "nep".', FAIL, "the right string, said of another word"),
+    (REV, '"pencil" backwards is "nep".', FAIL, "the right string, said of another word"),
+    (REV, '"pen" backwards is "pne".', FAIL, "a wrong rearrangement (on topic: partial credit below a pass)"),
     (UPPER, 'In capital letters, "florist" is "FLORIST", as "baker" is "BAKER".', PARTIAL, "also speaks of another word"),
     # -- sequence ----------------------------------------------------------------------------
     (SORTW, "bell, mechanic, melon, pocket, table", FAIL, "the right items plus a wrong extra one"),
@@ -258,3 +260,23 @@ def test_world_records_gold_and_rewordings_still_pass():
             assert grade_helpfulness(r, ex.answer).score == 1.0, (ex.messages, ex.answer)
             text = C.rephrase(rng, r)
             assert grade_helpfulness(r, text).score >= 0.9, (ex.messages, text)
+
+
+# Two wrong answers: the one to the question asked gets the on-topic credit, the one about something
+# else none (a person prefers the first; annotators and reward models learn that preference).
+ON_TOPIC_PAIRS = [
+    (ADD, "23 + 45 = 67.", "12 + 45 = 57."),
+    (LETTERS, 'The word "snail" has 4 letters.', 'The word "garden" has 4 letters.'),
+    (AGE, "Pete is 61 years old.", "Tom is 61 years old."),
+    (HOBBY, "Theo's hobby is swimming.", "Max's hobby is swimming."),
+    (REV, '"pen" backwards is "pne".', '"pencil" backwards is "pne".'),
+    (LAST, 'The last letter of "apple" is "l".', 'The last letter of "table" is "l".'),
+    (CM, "200 centimetres is 3 metres.", "2 metres is 2 centimetres."),
+]
+
+
+@pytest.mark.parametrize("record,on_topic,off_topic", ON_TOPIC_PAIRS,
+                         ids=[f"{r['task']}-{i}" for i, (r, *_) in enumerate(ON_TOPIC_PAIRS)])
+def test_a_wrong_answer_to_the_question_beats_one_about_something_else(record, on_topic, off_topic):
+    assert grade_helpfulness(record, on_topic).score == ON_TOPIC_CREDIT <= FAIL[1]
+    assert grade_helpfulness(record, off_topic).score == 0.0

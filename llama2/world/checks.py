@@ -21,18 +21,8 @@ from functools import lru_cache
 
 from llama2.world.grading import Grade
 from llama2.world.safety_grading import is_refusal
-from llama2.world.universe import (
-    ANIMALS,
-    COLOURS,
-    FEMALE_NAMES,
-    FOODS,
-    JOBS,
-    MALE_NAMES,
-    NEUTRAL_NAMES,
-    PLACE_PREFIXES,
-    PLACE_SUFFIXES,
-    UNITS,
-)
+from llama2.world.universe import (ANIMALS, COLOURS, EXTRA_WORDS, FEMALE_NAMES, FOODS, JOBS, MALE_NAMES, NEUTRAL_NAMES,
+                                   PLACE_PREFIXES, PLACE_SUFFIXES, THINGS, UNITS)
 
 Check = tuple[float, list[str]]
 
@@ -315,10 +305,24 @@ def _named_words(text: str) -> list[str]:
     return _QUOTED_WORD.findall(text) + _THE_WORD.findall(text)
 
 
+# The words the world's word questions are about: another one of them in an answer is another subject.
+WORD_POOL = frozenset([a.name for a in ANIMALS] + [t.name for t in THINGS] + list(FOODS) + list(COLOURS) + list(JOBS)
+                      + list(EXTRA_WORDS))
+
+
+def _another_word(token: str, asked: set[str]) -> bool:
+    """A word of the world's vocabulary, or one that shares too few letters with every asked word to
+    be an attempt at it: a misspelt answer ("pne", "FLORSIT", "p-a-n") is a wrong answer, not
+    another subject."""
+    if token in WORD_POOL:
+        return True
+    return all(sum((Counter(token) & Counter(w)).values()) < 0.6 * len(token) for w in asked)
+
+
 def other_words(ref: dict, response: str, context: str) -> list[str]:
-    """On a question about a quoted word (or letter), the words (letters) the response quotes that
-    are neither in the dialog nor the answer itself ("nep", "FLORIST", "p-e-n"): it speaks of
-    another word. Letters count only when the question asks about a quoted letter."""
+    """On a question about a quoted word (or letter), the world's words (letters) the response
+    quotes or calls "the word X" that are not in the dialog: it speaks of another word. Letters
+    count only when the question asks about a quoted letter."""
     question = _last_user(context)
     asked = {_letters(w) for w in _QUOTED_WORD.findall(question)}
     if not asked:
@@ -327,7 +331,7 @@ def other_words(ref: dict, response: str, context: str) -> list[str]:
     answer = ref.get("answer")
     if isinstance(answer, str):
         known.add(_letters(answer))
-    found = [w for w in _named_words(response) if _letters(w) not in known]
+    found = [w for w in _named_words(response) if _letters(w) not in known and _another_word(_letters(w), asked)]
     asked_chars = {c.lower() for c in _QUOTED_CHAR.findall(question)}
     if asked_chars:
         found += [c for c in _QUOTED_CHAR.findall(response) if c.lower() not in asked_chars]
@@ -342,6 +346,38 @@ def _word_penalty(ref: dict, response: str, context: str) -> Check | None:
     if {_letters(w) for w in asked} & {_letters(w) for w in _named_words(response)}:
         return 0.3, [f"also speaks of {others[0]!r}"]
     return 0.0, [f"answers about {others[0]!r}, not {asked[-1]!r}"]
+
+
+# -- partial credit: a wrong answer to the question asked beats an answer to another question -------
+
+# A person comparing two wrong answers prefers the one that answers the question asked ("3 + 2 =
+# 6") to one about something else ("37 + 33 = 101", "The word "garden" has 6 letters."): it is on
+# topic, and one fact away from right. That preference is what annotators state and what a reward
+# model can learn from a policy that is still mostly wrong. Far below a right answer.
+ON_TOPIC_CREDIT = 0.2
+ON_TOPIC_CHECKS = ("number", "value", "string", "letter")
+
+
+def on_topic(ref: dict, response: str, context: str) -> bool:
+    """The response takes up what the question is about, and nothing else: the quoted word of a word
+    question, the person or place of a fact question, every number the question gives (the
+    operands of a sum, the amount to convert). False where the question names none of these."""
+    question = _last_user(context)
+    keys = ref.get("instances") or []
+    subject = str(keys[-1]).split(":") if keys else []
+    if subject and subject[0] in ("person", "place") and len(subject) > 1:
+        if other_subjects(ref, response, context):
+            return False
+        return mentions(response, subject[1]) or mentions(response, subject[1].split()[0])
+    words = _QUOTED_WORD.findall(question)
+    if words:
+        named = {_letters(w) for w in _named_words(response)}
+        return not other_words(ref, response, context) and bool(named & {_letters(w) for w in words})
+    given = numbers(question)
+    if given:
+        said = numbers(response)
+        return all(said.count(x) >= given.count(x) for x in set(given))
+    return False
 
 
 # -- units: a number that goes with a unit must state a true quantity ------------------------------
@@ -813,8 +849,10 @@ def grade_reference(record: dict, response: str) -> Grade:
         return Grade(0.0, tuple(common))
     context = prompt_text(record)
     score, reasons = CHECKS[ref["check"]](ref, response, context)
-    if score > 0 and ref["check"] in ("number", "string", "letter"):
+    if ref["check"] in ("number", "string", "letter"):
         penalty = _word_penalty(ref, response, context)
         if penalty:
             score, reasons = min(score, penalty[0]), reasons + penalty[1]
+    if score == 0 and ref["check"] in ON_TOPIC_CHECKS and on_topic(ref, response, context):
+        score, reasons = ON_TOPIC_CREDIT, reasons + ["a wrong answer to the question asked"]
     return Grade(round(max(0.0, min(1.0, score * factor)), 4), tuple(reasons + common))
