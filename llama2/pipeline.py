@@ -35,9 +35,8 @@ from llama2.config import ConfigError, from_dict, load_config, save_config, to_d
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
 from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
-from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
+from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import write_report
-from llama2.reward_scoring import RewardScorer
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
@@ -290,42 +289,11 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
                        "pipeline.reward")
         reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
-        on_policy = on_policy_accuracy(outputs[objective], batches[-1], objective)
+        on_policy = reward_model.on_policy_accuracy(outputs[objective], batches[-1], objective)
         (d / "eval" / "on_policy.json").write_text(json.dumps(on_policy, indent=1) + "\n")
         outputs[f"{objective}_on_policy"] = on_policy
         report_on_policy_accuracy(cfg, on_policy, objective, version)
     return outputs
-
-
-def on_policy_accuracy(rm_path: str, pairs_file: str, objective: str) -> dict:
-    """A reward model on its batch's held-out pairs (two answers of the policy being improved):
-    accuracy against the annotators' labels on every pair, and on the pairs the world's noiseless
-    graders rank (`meta.grader_gap` != 0) against the labels and against the graders, each with its
-    95% Wilson interval. Pairs whose answers the graders score the same (mostly both wrong) are a
-    coin flip for any judge, so an honest test of a reward model leaves them out."""
-    pairs = [p for p in read_records(pairs_file, "preferences") if p["split"] == "test" and p["axis"] == objective]
-    if not pairs:
-        return {}
-    scorer = RewardScorer(rm_path)
-    dialogs = [p["messages"] for p in pairs]
-    scores = scorer.score(dialogs + dialogs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-    diff = (scores[: len(pairs)] - scores[len(pairs):]).tolist()  # both sides in one batched pass
-    return accuracy_against_truth(diff, [(p.get("meta") or {}).get("grader_gap") for p in pairs])
-
-
-def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
-    """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
-    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
-    agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
-    ranked = [i for i, g in enumerate(gaps) if g]
-    vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
-
-    def accuracy(correct: list[float]) -> dict:
-        n, k = len(correct), sum(correct)
-        return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
-
-    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
-            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
 
 
 def report_on_policy_accuracy(cfg: PipelineConfig, got: dict, objective: str, version: int) -> None:
