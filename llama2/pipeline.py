@@ -34,9 +34,9 @@ import yaml
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
-from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
+from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, reward_scaling, sft
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
-from llama2.report import write_report
+from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
@@ -484,6 +484,63 @@ def _latest_policy(run: Run, version: int) -> str:
             if run.done(stage):
                 return run.output(stage)
     return run.output("sft")
+
+
+# ----------------------------------------------------------------------------- studies of a finished run
+
+
+def reward_scaling_config(run_dir: str | Path) -> reward_scaling.ScalingConfig:
+    """Figure 6's study on a pipeline run's own reward data: its weekly batches
+    (`vK/annotate/batchK.jsonl`, in order) as the training pairs, the last batch's held-out pairs as
+    the test set, its SFT model as the one model, and its reward settings without `max_steps`, so
+    that more pairs are more steps (`reward.epochs`, one by default). Output: RUN/studies/reward_scaling,
+    where the report looks for it."""
+    run = Path(run_dir)
+    if not (run / "state.json").is_file() or not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run: {run} is not a pipeline run (no state.json and config.yaml)")
+    cfg = load_config(PipelineConfig, run / "config.yaml")
+    done = json.loads((run / "state.json").read_text())["done"]
+    batches = []
+    while f"v{len(batches) + 1}.annotate" in done:
+        v = len(batches) + 1
+        path = run / f"v{v}" / "annotate" / f"batch{v}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"--run: {path} is missing (stage v{v}.annotate is recorded as done)")
+        batches.append(str(path))
+    if not batches:
+        raise ConfigError(f"--run: {run} has no finished weekly batch yet (stage v1.annotate)")
+    if "sft" not in done:
+        raise ConfigError(f"--run: {run} has no SFT model yet (stage sft)")
+    sft_model = run / "sft" / "final"
+    return reward_scaling.ScalingConfig(
+        out_dir=str(run / REWARD_SCALING_DIR), models=[str(sft_model) if sft_model.is_dir() else done["sft"]["model"]],
+        train_data=batches, test_data=batches[-1:], reward={k: v for k, v in cfg.reward.items() if k != "max_steps"},
+        seed=cfg.seed, device=cfg.device)
+
+
+def reward_scaling_cli(argv: list[str]) -> int:
+    """`llama2 study reward-scaling-run --run RUN_DIR [--config FILE] [key=value ...]`; more model sizes
+    with `models=[RUN/sft/final,OTHER/sft/final]`."""
+    p = argparse.ArgumentParser(prog="llama2 study reward-scaling-run",
+                                description="Reward-model accuracy vs preference pairs and model size (Llama 2 "
+                                            "Figure 6) on a pipeline run's weekly batches; the run's report shows it.",
+                                epilog="Defaults come from the run (see reward_scaling_config); a YAML file and "
+                                       "key=value overrides of the study's fields apply on top, e.g. "
+                                       "models=[RUN/sft/final,BIG/sft/final] points=[0.25,0.5,1] reward.epochs=2 "
+                                       "objective=safety.")
+    p.add_argument("--run", required=True, help="a pipeline run directory with at least one weekly batch")
+    p.add_argument("--config", help="YAML file of study fields (llama2 study reward-scaling --print-config)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    cfg = load_config(reward_scaling.ScalingConfig, a.config, a.overrides, base=reward_scaling_config(a.run))
+    if a.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    reward_scaling.main(cfg)
+    if (Path(a.run) / "summary.json").is_file():  # a finished run: its report shows the study
+        print(f"[study] report: {write_report(a.run)}", flush=True)
+    return 0
 
 
 def cli(argv: list[str]) -> int:
