@@ -16,7 +16,7 @@ from llama2.config import ConfigError, load_config
 from llama2.model import ModelArgs, Transformer
 from llama2.pipeline import PipelineConfig, reward_scaling_config
 from llama2.recipes.reward_model import accuracy_against_truth
-from llama2.recipes.reward_scaling import ScalingConfig, check, main, pair_counts
+from llama2.recipes.reward_scaling import ScalingConfig, check, describe_models, main, pair_counts
 from llama2.report import REWARD_SCALING_DIR, write_report
 
 # A learnable signal: the chosen answer is about hills, the rejected one about the town.
@@ -125,10 +125,13 @@ def test_rerun_skips_finished_points(study, data, capsys):
     ({"reward": {"model": "x"}}, "reward.model: set by the study for each run; use the study's own models field"),
     ({"reward": {"epoch": 2}}, "reward: unknown key 'epoch'"),
     ({"models": []}, "models: at least one chat checkpoint"),
+    ({"models": ["MODEL", "MODEL"]}, r"models\[1\]: .*small is listed twice"),
 ])
 def test_bad_config_is_a_clear_error(data, tmp_path, change, message):
     if change.get("test_data") == "UNRANKED":
         change = {"test_data": [write(tmp_path / "unranked.jsonl", pairs(4, "test", gap=None))]}
+    if change.get("models") == ["MODEL", "MODEL"]:
+        change = {"models": [data["models"][0]] * 2}
     with pytest.raises(ConfigError, match=message):
         check(config(data, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()
@@ -140,6 +143,11 @@ def test_the_cli_prints_a_bad_config_in_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "Traceback" not in err and len(err.splitlines()) == 1
     assert "points[0]: 100 pairs, but train_data holds only 16 training pairs" in err
+
+
+def test_models_of_one_size_are_told_apart(data):
+    models = describe_models([data["models"][0], data["models"][0], data["models"][1]])
+    assert [m.label for m in models] == [f"12K ({data['models'][0]})"] * 2 + ["28.5K"]
 
 
 def test_pair_counts_and_accuracy_by_hand():

@@ -110,9 +110,11 @@ def check(cfg: ScalingConfig) -> tuple[list[dict], list[int], list[dict]]:
         raise ConfigError(f"objective: expected one of {', '.join(AXES)}, got {cfg.objective!r}")
     if not cfg.models:
         raise ConfigError("models: at least one chat checkpoint to start reward models from is required")
-    for m in cfg.models:
+    for i, m in enumerate(cfg.models):
         if not Path(m).exists():
             raise ConfigError(f"models: {m} does not exist")
+        if Path(m).resolve() in [Path(o).resolve() for o in cfg.models[:i]]:
+            raise ConfigError(f"models[{i}]: {m} is listed twice")
     set_here = sorted(set(cfg.reward) & set(STUDY_FIELDS))
     if set_here:
         raise ConfigError(f"reward.{set_here[0]}: set by the study for each run; use the study's own "
@@ -140,8 +142,9 @@ def describe_models(paths: list[str]) -> list[Model]:
         resolved = str(Path(path).resolve())
         tag = "-".join(Path(resolved).parts[-2:]) + "-" + hashlib.sha1(resolved.encode()).hexdigest()[:6]
         models.append(Model(path, tag, params, param_label(params)))
+    sizes = [m.label for m in models]
     for m in models:  # two models of one size: tell them apart
-        if sum(o.label == m.label for o in models) > 1:
+        if sizes.count(m.label) > 1:
             m.label = f"{m.label} ({m.path})"
     return models
 
