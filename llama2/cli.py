@@ -2,8 +2,8 @@
 
 Commands are a table of "module:function" names, imported only when run: `llama2 tokenize` must
 not pay for importing the training stack (torch alone is ~1 s of start-up). A command with
-subcommands (`llama2 rlhf ppo`, `llama2 data validate`) is a nested table, dispatched the same way.
-Each function takes the remaining argv and returns an exit code. Errors the user can fix (bad file,
+subcommands (`llama2 rlhf ppo`, `llama2 data validate`, `llama2 study reward-scaling`) is a nested
+table, dispatched the same way. Each function takes the remaining argv and returns an exit code. Errors the user can fix (bad file,
 bad config, bad dialog) are printed as one clear line, without a stack trace; set LLAMA2_DEBUG=1
 to see the trace.
 """
@@ -27,6 +27,12 @@ DATA: Table = {
     "pretokenize": ("llama2.data_cli:pretokenize_cli", "tokenize a corpus into token shards + manifest"),
     "info": ("llama2.data_cli:info_cli", "summarise a pretokenized dataset"),
 }
+STUDY: Table = {
+    "reward-scaling": ("llama2.recipes.reward_scaling:cli",
+                       "reward-model accuracy vs preference pairs, per model size (Figure 6)"),
+    "reward-scaling-run": ("llama2.pipeline:reward_scaling_cli",
+                           "the same study on a pipeline run's weekly batches: --run RUN_DIR"),
+}
 COMMANDS: Table = {
     "chat": ("llama2.chat:cli", "chat with a model in the terminal (streaming, multi-turn, /reset)"),
     "generate": ("llama2.chat:generate_cli", "complete one prompt and print it (or --json)"),
@@ -38,6 +44,7 @@ COMMANDS: Table = {
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
     "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo"),
     "data": (DATA, "data tools: pretokenize, info, validate"),
+    "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "evaluate": ("llama2.recipes.evaluate:cli", "win rates, violation and false-refusal rates (§3.4, §4.4)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),

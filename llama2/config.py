@@ -138,9 +138,11 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from its defaults, then the YAML file at `path`, then `key=value` overrides."""
-    tree = to_dict(cls())
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: T | None = None) -> T:
+    """Build `cls` from its defaults (or from `base`, a config made elsewhere, e.g. from a finished
+    run), then the YAML file at `path`, then `key=value` overrides."""
+    tree = to_dict(base if base is not None else cls())
     if path is not None:
         path = Path(path)
         if not path.is_file():

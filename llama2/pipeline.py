@@ -34,10 +34,9 @@ import yaml
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
-from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, sft
-from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines, wilson_interval
-from llama2.report import write_report
-from llama2.reward_scoring import RewardScorer
+from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, reward_scaling, sft
+from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
+from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import AnnotatorConfig, annotate_batch
@@ -290,42 +289,11 @@ def stage_reward(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version
                        "pipeline.reward")
         reward_model.main(rc, resume=resume and has_checkpoint(d))
         outputs[objective] = str(d / "final")
-        on_policy = on_policy_accuracy(outputs[objective], batches[-1], objective)
+        on_policy = reward_model.on_policy_accuracy(outputs[objective], batches[-1], objective)
         (d / "eval" / "on_policy.json").write_text(json.dumps(on_policy, indent=1) + "\n")
         outputs[f"{objective}_on_policy"] = on_policy
         report_on_policy_accuracy(cfg, on_policy, objective, version)
     return outputs
-
-
-def on_policy_accuracy(rm_path: str, pairs_file: str, objective: str) -> dict:
-    """A reward model on its batch's held-out pairs (two answers of the policy being improved):
-    accuracy against the annotators' labels on every pair, and on the pairs the world's noiseless
-    graders rank (`meta.grader_gap` != 0) against the labels and against the graders, each with its
-    95% Wilson interval. Pairs whose answers the graders score the same (mostly both wrong) are a
-    coin flip for any judge, so an honest test of a reward model leaves them out."""
-    pairs = [p for p in read_records(pairs_file, "preferences") if p["split"] == "test" and p["axis"] == objective]
-    if not pairs:
-        return {}
-    scorer = RewardScorer(rm_path)
-    dialogs = [p["messages"] for p in pairs]
-    scores = scorer.score(dialogs + dialogs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-    diff = (scores[: len(pairs)] - scores[len(pairs):]).tolist()  # both sides in one batched pass
-    return accuracy_against_truth(diff, [(p.get("meta") or {}).get("grader_gap") for p in pairs])
-
-
-def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
-    """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
-    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
-    agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
-    ranked = [i for i, g in enumerate(gaps) if g]
-    vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
-
-    def accuracy(correct: list[float]) -> dict:
-        n, k = len(correct), sum(correct)
-        return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
-
-    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
-            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
 
 
 def report_on_policy_accuracy(cfg: PipelineConfig, got: dict, objective: str, version: int) -> None:
@@ -516,6 +484,63 @@ def _latest_policy(run: Run, version: int) -> str:
             if run.done(stage):
                 return run.output(stage)
     return run.output("sft")
+
+
+# ----------------------------------------------------------------------------- studies of a finished run
+
+
+def reward_scaling_config(run_dir: str | Path) -> reward_scaling.ScalingConfig:
+    """Figure 6's study on a pipeline run's own reward data: its weekly batches
+    (`vK/annotate/batchK.jsonl`, in order) as the training pairs, the last batch's held-out pairs as
+    the test set, its SFT model as the one model, and its reward settings without `max_steps`, so
+    that more pairs are more steps (`reward.epochs`, one by default). Output: RUN/studies/reward_scaling,
+    where the report looks for it."""
+    run = Path(run_dir)
+    if not (run / "state.json").is_file() or not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run: {run} is not a pipeline run (no state.json and config.yaml)")
+    cfg = load_config(PipelineConfig, run / "config.yaml")
+    done = json.loads((run / "state.json").read_text())["done"]
+    batches = []
+    while f"v{len(batches) + 1}.annotate" in done:
+        v = len(batches) + 1
+        path = run / f"v{v}" / "annotate" / f"batch{v}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"--run: {path} is missing (stage v{v}.annotate is recorded as done)")
+        batches.append(str(path))
+    if not batches:
+        raise ConfigError(f"--run: {run} has no finished weekly batch yet (stage v1.annotate)")
+    if "sft" not in done:
+        raise ConfigError(f"--run: {run} has no SFT model yet (stage sft)")
+    sft_model = run / "sft" / "final"
+    return reward_scaling.ScalingConfig(
+        out_dir=str(run / REWARD_SCALING_DIR), models=[str(sft_model) if sft_model.is_dir() else done["sft"]["model"]],
+        train_data=batches, test_data=batches[-1:], reward={k: v for k, v in cfg.reward.items() if k != "max_steps"},
+        seed=cfg.seed, device=cfg.device)
+
+
+def reward_scaling_cli(argv: list[str]) -> int:
+    """`llama2 study reward-scaling-run --run RUN_DIR [--config FILE] [key=value ...]`; more model sizes
+    with `models=[RUN/sft/final,OTHER/sft/final]`."""
+    p = argparse.ArgumentParser(prog="llama2 study reward-scaling-run",
+                                description="Reward-model accuracy vs preference pairs and model size (Llama 2 "
+                                            "Figure 6) on a pipeline run's weekly batches; the run's report shows it.",
+                                epilog="Defaults come from the run (see reward_scaling_config); a YAML file and "
+                                       "key=value overrides of the study's fields apply on top, e.g. "
+                                       "models=[RUN/sft/final,BIG/sft/final] points=[0.25,0.5,1] reward.epochs=2 "
+                                       "objective=safety.")
+    p.add_argument("--run", required=True, help="a pipeline run directory with at least one weekly batch")
+    p.add_argument("--config", help="YAML file of study fields (llama2 study reward-scaling --print-config)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    cfg = load_config(reward_scaling.ScalingConfig, a.config, a.overrides, base=reward_scaling_config(a.run))
+    if a.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    reward_scaling.main(cfg)
+    if (Path(a.run) / "summary.json").is_file():  # a finished run: its report shows the study
+        print(f"[study] report: {write_report(a.run)}", flush=True)
+    return 0
 
 
 def cli(argv: list[str]) -> int:

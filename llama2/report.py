@@ -3,7 +3,9 @@
 It reads what the stages wrote (metrics.jsonl files, reward-model evaluations, best-of-N curves,
 rejection-sampling stats, evaluations per RLHF version) and draws what the paper draws: training
 losses, reward-model accuracy by rating (Tables 7–8), best-of-N max/median curves (Figures 7–8),
-reward distributions per version (Figure 20-style), and the win-rate evolution (Figure 11).
+reward distributions per version (Figure 20-style), the win-rate evolution (Figure 11), and,
+when `llama2 study reward-scaling-run` has run on it, reward-model accuracy vs data and model size
+(Figure 6).
 Plots are embedded as PNG data URIs, so the page can be mailed or opened offline.
 """
 from __future__ import annotations
@@ -20,7 +22,11 @@ from matplotlib.figure import Figure
 
 from llama2.formats import AXES, RATINGS, read_records
 from llama2.recipes.evaluate import win_rate
+from llama2.recipes.reward_scaling import plot_scaling, table_rows
 from llama2.world.grading import grade_helpfulness
+
+# Where a run's reward-scaling study (Figure 6) is written and read.
+REWARD_SCALING_DIR = Path("studies") / "reward_scaling"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -281,6 +287,18 @@ def examples(run: Path, summary: dict, n: int = 12, seed: int = 0) -> str:
             f"({html.escape(final.name)})</th></tr>{''.join(cells)}</table>")
 
 
+def reward_scaling(run: Path) -> str:
+    """The run's reward-scaling study (Figure 6), if any: its plot and, per number of training
+    pairs and model, the accuracy against the graders on the ranked held-out pairs."""
+    result = _json(run / REWARD_SCALING_DIR / "reward_scaling.json")
+    if not result or not result.get("points"):
+        return ""
+    header, rows = table_rows(result)
+    return (f"<h2>Reward-model accuracy vs data and model size (Figure 6)</h2><img src='{_png(plot_scaling(result))}'>"
+            f"<p>{html.escape(result['objective'])} reward models, accuracy against the graders on the "
+            f"{result['ranked_test_pairs']} held-out pairs they rank, 95% CI, n pairs:</p>" + _table(rows, header))
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """The page leads with the answer (the headline table, per family), then the plots, then
     example answers side by side; the raw summary comes last."""
@@ -315,6 +333,8 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         img = fn(run)
         if img:
             parts.append(f"<h2>{title}</h2><img src='{img}'>")
+        if fn is plot_reward_accuracy:
+            parts.append(reward_scaling(run))
     side_by_side = examples(run, summary)
     if side_by_side:
         parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)

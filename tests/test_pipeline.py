@@ -143,7 +143,8 @@ def test_configuration_is_checked_before_any_work(tmp_path, world_dir):
 
 
 def test_reward_model_accuracy_on_the_policy_answers_is_measured_on_what_the_graders_rank(tmp_path, capsys):
-    from llama2.pipeline import accuracy_against_truth, report_on_policy_accuracy
+    from llama2.pipeline import report_on_policy_accuracy
+    from llama2.recipes.reward_model import accuracy_against_truth
 
     # 6 pairs: the RM's score differences, the graders' gaps (chosen - rejected; 0 = a tie)
     diff = [1.0, 0.5, -0.2, 0.0, 0.3, -1.0]

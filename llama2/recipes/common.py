@@ -1,4 +1,4 @@
-"""What every recipe does the same way: parse `--config FILE key=value…`, build the model, save it.
+"""What every recipe does the same way: parse `--config FILE key=value…`, build and save the model, write atomically.
 
 Kept deliberately small (torchtune: "code duplication is preferred over unnecessary
 abstractions"): the loops themselves live in the recipes.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -113,3 +114,18 @@ def _get(tree: dict, dotted: str):
 
 def config_dict(cfg) -> dict:
     return to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a killed run leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

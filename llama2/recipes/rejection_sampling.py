@@ -55,7 +55,8 @@ from llama2.formats import AXES, read_records
 from llama2.gated_reward import check_reward_axes, load_gated_reward
 from llama2.inference import load_for_inference
 from llama2.recipes.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
-from llama2.recipes.common import check_resume_compatible, config_dict, kill_hook, recipe_cli
+from llama2.recipes.common import (check_resume_compatible, config_dict, kill_hook, recipe_cli, write_atomic,
+                                   write_jsonl_atomic)
 from llama2.recipes.sft import SFTConfig, load_dialogs
 from llama2.recipes.sft import main as sft_main
 from llama2.sampling import DialogSampler
@@ -127,21 +128,6 @@ class RejectionSamplingConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename: a killed run leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -29,10 +29,11 @@ from llama2.chat_format import ChatFormat, ChatFormatError
 from llama2.checkpoint import build_model, read_checkpoint, save_native
 from llama2.config import ConfigError, save_config
 from llama2.distributed import Dist, all_reduce_mean, all_reduce_sum, full_state_dict, setup, teardown
-from llama2.formats import AXES, RATINGS, DataError, iter_rows
+from llama2.formats import AXES, RATINGS, DataError, iter_rows, read_records
 from llama2.losses import MARGINS, ranking_loss
 from llama2.preference_data import PairData, PairLoader, accuracy_report, mix_pairs, read_pairs, tokenize_pairs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
+from llama2.recipes.evaluate import wilson_interval
 from llama2.reward_scoring import RewardScorer, pair_scores, reward_state
 from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)
@@ -286,6 +287,52 @@ def main(cfg: RewardConfig, resume: bool = False) -> int:
         print(f"[reward] done: {final}  (evaluate: llama2 reward eval --model {final} --data FILE)", flush=True)
     teardown()
     return 0
+
+
+# ----------------------------------------------------------------------------- on-policy accuracy
+
+
+def held_out_pairs(pairs_files: str | list[str], objective: str) -> list[dict]:
+    """The held-out pairs of one reward axis in preference files: records with split "test" and
+    axis `objective`, in file order."""
+    files = [pairs_files] if isinstance(pairs_files, (str, Path)) else pairs_files
+    return [p for f in files for p in read_records(f, "preferences") if p["split"] == "test" and p["axis"] == objective]
+
+
+def on_policy_accuracy(rm_path: str, pairs_files: str | list[str], objective: str, device: str = "cpu") -> dict:
+    """A reward model on held-out pairs of two answers of the policy being improved (a batch's
+    test pairs): accuracy against the annotators' labels on every pair, and on the pairs the world's
+    noiseless graders rank (`meta.grader_gap` != 0) against the labels and against the graders,
+    each with its 95% Wilson interval. Pairs whose answers the graders score the same (mostly both
+    wrong) are a coin flip for any judge, so an honest test of a reward model leaves them out."""
+    pairs = held_out_pairs(pairs_files, objective)
+    if not pairs:
+        return {}
+    scorer = RewardScorer(rm_path, device=device)
+    dialogs = [p["messages"] for p in pairs]
+    scores = scorer.score(dialogs + dialogs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    diff = (scores[: len(pairs)] - scores[len(pairs):]).tolist()  # both sides in one batched pass
+    return accuracy_against_truth(diff, [grader_gap(p) for p in pairs])
+
+
+def grader_gap(pair: dict) -> float | None:
+    """The graders' score(chosen) - score(rejected) of a pair (`meta.grader_gap`): 0 a tie, None unknown."""
+    return (pair.get("meta") or {}).get("grader_gap")
+
+
+def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
+    """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
+    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
+    agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
+    ranked = [i for i, g in enumerate(gaps) if g]
+    vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
+
+    def accuracy(correct: list[float]) -> dict:
+        n, k = len(correct), sum(correct)
+        return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
+
+    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
+            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
 
 
 # ----------------------------------------------------------------------------- eval and score
