@@ -266,6 +266,22 @@ def test_safety_filter_replaces_answers_and_concurrency_limit(servers):
     assert 'llama2_requests_total{route="/v1/chat/completions",status="429"} 1' in metrics
 
 
+def test_safety_reward_model_filter(ckpt, tmp_path, sp_tokenizer):
+    """--safety-rm: a scalar-head checkpoint scored through RewardScorer, σ(r) against the threshold."""
+    from llama2.checkpoint import read_checkpoint
+    from llama2.reward_scoring import reward_state
+    from llama2.serve import SafetyFilter
+
+    ck = read_checkpoint(ckpt)
+    args, state = reward_state(ck.args, ck.state)
+    save_native(tmp_path / "rm", state, args, sp_tokenizer)
+    dialog = [{"role": "user", "content": "the llama"}]
+    ok, score = SafetyFilter.from_reward_model(str(tmp_path / "rm"), 0.0)._safe(dialog, "green hills")
+    assert 0.0 < score < 1.0 and ok
+    ok, again = SafetyFilter.from_reward_model(str(tmp_path / "rm"), 1.0)._safe(dialog, "green hills")
+    assert again == score and not ok
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
