@@ -35,6 +35,7 @@ STUDY: Table = {
 }
 COMMANDS: Table = {
     "chat": ("llama2.chat:cli", "chat with a model in the terminal (streaming, multi-turn, /reset)"),
+    "serve": ("llama2.serve:cli", "OpenAI-compatible HTTP server: continuous batching, safety filter, chat page"),
     "generate": ("llama2.chat:generate_cli", "complete one prompt and print it (or --json)"),
     "tokenize": ("llama2.tokenizer_cli:tokenize_cli", "print the token ids of a text or a chat dialog"),
     "tokenizer": ("llama2.tokenizer_cli:tokenizer_cli", "tokenizer tools: `llama2 tokenizer train`"),
