@@ -49,6 +49,10 @@ class AnnotateConfig:
     variants: int = 2  # ...and/or two model variants: the latest model and the previous version
     max_new_tokens: int = 64
     prompts_per_batch: int = 0  # 0 = every prompt of the batch
+    # Held-out prompts per batch, whose pairs measure the reward models on the policy's own answers:
+    # the batch's own test prompts first, then the other batches' (never trained on either).
+    # 0 = the batch's own (a quarter of prompts_per_batch when that is set).
+    test_prompts_per_batch: int = 0
     noise: float = 0.25  # the simulated annotators' perception noise
 
 
@@ -239,11 +243,15 @@ def _batch_prompts(run: Run, cfg: PipelineConfig, version: int) -> tuple[list[di
     batches = sorted({r["batch"] for r in train if r.get("batch") is not None}) or [None]
     b = batches[(version - 1) % len(batches)]
     mine = [r for r in train if r.get("batch") == b]
-    tests = [r for p in run.files(cfg.test_prompts, "prompts/test_batch*.jsonl") for r in read_records(p, "prompts")]
-    tests = [r for r in tests if r.get("batch") in (b, None)] or tests
+    every_test = [r for p in run.files(cfg.test_prompts, "prompts/test_batch*.jsonl") for r in read_records(p, "prompts")]
+    tests = [r for r in every_test if r.get("batch") in (b, None)] or every_test
     if cfg.annotate.prompts_per_batch:
         mine = mine[: cfg.annotate.prompts_per_batch]
         tests = tests[: max(1, cfg.annotate.prompts_per_batch // 4)]
+    if cfg.annotate.test_prompts_per_batch:
+        own = {r["id"] for r in tests}
+        others = sorted((r for r in every_test if r["id"] not in own), key=lambda r: r.get("batch") != b)
+        tests = (tests + others)[: cfg.annotate.test_prompts_per_batch]
     return mine, tests
 
 

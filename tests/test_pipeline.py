@@ -198,3 +198,22 @@ def test_rejection_sampling_pools_earlier_versions_from_v3(tmp_path):
     assert [Path(p).parts[-4] for p in earlier_pools(run, cfg, 2)] == ["v1"]
     cfg.pool_from_version = 0
     assert earlier_pools(run, cfg, 4) == []
+
+
+def test_held_out_prompts_per_batch_take_the_batch_own_first_then_the_others(tmp_path, world_dir):
+    """More held-out prompts than a batch has (annotation is cheap; the reward models' accuracy on
+    the policy's own answers needs hundreds of pairs the graders rank): its own test prompts first,
+    then the other batches', never a training prompt."""
+    from llama2.pipeline import Run, _batch_prompts
+
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path}", "annotate.prompts_per_batch=100",
+                                             f"prompts=[{world_dir}/prompts/train.jsonl]",
+                                             f"test_prompts=[{world_dir}/prompts/test_batch1.jsonl,"
+                                             f"{world_dir}/prompts/test_batch2.jsonl]"])
+    mine, tests = _batch_prompts(Run(cfg), cfg, 2)
+    assert len(mine) == 100 and len(tests) == 25 and {r["batch"] for r in tests} == {2}
+    cfg.annotate.test_prompts_per_batch = 400
+    mine, more = _batch_prompts(Run(cfg), cfg, 2)
+    assert len(more) == 400 and more[:25] == tests
+    assert {r["batch"] for r in more[:250]} == {2} and {r["batch"] for r in more[250:]} == {1}
+    assert len({r["id"] for r in more}) == 400 and all(r["split"] == "test" for r in more)
