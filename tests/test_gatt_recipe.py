@@ -275,6 +275,7 @@ def gatt_overrides(world_dir, policy, out):
     return [f"{k}={v}" for k, v in kw.items()]
 
 
+@pytest.mark.slow
 def test_killed_gatt_resumes_exactly_and_evaluates(world_dir, tiny_policy, tmp_path):
     env = {**os.environ, "LLAMA2_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
