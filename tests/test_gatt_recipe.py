@@ -130,6 +130,9 @@ def test_user_turns_skip_dialogs_without_enough_user_turns():
     stats = {"skipped": {}}
     out = recipe.user_turns(recs, 2, 2, stats)
     assert out[0] == ("m", USERS) and [u for _, u in out[1:]] == [["q0", "q1"], ["q2", "q3"]]
+    assert stats["skipped"] == {"no user turn": 1, "stitched: dialogs with too few user turns": 5}
+    stats = {"skipped": {}}
+    assert recipe.user_turns(recs, 2, 0, stats) == [("m", USERS)]
     assert stats["skipped"] == {"no user turn": 1, "too few user turns": 5}
 
 

@@ -214,8 +214,8 @@ def training_records(instruction: str, users: list[str], answers: list[str], pid
 
 def user_turns(records: list[dict], min_user_turns: int, stitch_turns: int, stats: dict) -> list[tuple[str, list[str]]]:
     """(id, user messages) of every dialog with enough user turns; with `stitch_turns`, also
-    dialogs made of the shorter dialogs' user messages in order. Dialogs with no user turn are
-    counted in `stats['skipped']`."""
+    dialogs made of the shorter dialogs' user messages in order. Dialogs with no user turn, and
+    those with too few (used only when stitched), are counted in `stats['skipped']`."""
     out, loose = [], []
     for n, rec in enumerate(records):
         users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
@@ -225,7 +225,10 @@ def user_turns(records: list[dict], min_user_turns: int, stitch_turns: int, stat
             out.append((str(rec.get("id", n)), users))
         else:
             loose += users
-            stats["skipped"]["too few user turns"] = stats["skipped"].get("too few user turns", 0) + 1
+    key = "stitched: dialogs with too few user turns" if stitch_turns else "too few user turns"
+    if loose:
+        stats["skipped"][key] = len([r for r in records if 0 < sum(m["role"] == "user" for m in r["messages"])
+                                     < min_user_turns])
     if stitch_turns:
         for i in range(0, len(loose) - stitch_turns + 1, stitch_turns):
             out.append((f"stitched-{i // stitch_turns}", loose[i:i + stitch_turns]))
