@@ -309,6 +309,13 @@ def test_killed_gatt_resumes_exactly_and_evaluates(world_dir, tiny_policy, tmp_p
         return {j["step"]: j["loss"] for j in map(json.loads, (out / "sft" / "metrics.jsonl").read_text().splitlines())}
     assert losses(tmp_path / "k") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) >= 3
 
+    # what the pipeline calls: a finished run is picked up, not redone
+    cfg = load_config(recipe.GattConfig, None, gatt_overrides(world_dir, tiny_policy, tmp_path / "elsewhere"))
+    stamp = (tmp_path / "full" / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    final = recipe.run(tiny_policy, [world_dir / "sft" / "train.jsonl"], tmp_path / "full", cfg)
+    assert final == tmp_path / "full" / "sft" / "final" and final.stat() and \
+        (final / "model.safetensors").stat().st_mtime_ns == stamp
+
     # the multi-turn evaluation from the command line, with Figure 10's attention plot
     ev = subprocess.run([sys.executable, "-m", "llama2", "evaluate", "multi-turn", "--model",
                          str(tmp_path / "full" / "final"), "--baseline", str(tiny_policy), "--turns", "30",

@@ -286,8 +286,9 @@ def main(cfg: MultiTurnConfig, resume: bool = False) -> int:
 
 def attention_figure(dialogs: list[EvalDialog], answers: list[list[str]], loaded: dict, cfg: MultiTurnConfig,
                      path: Path) -> dict:
-    """Figure 10 on the model's longest dialog, the same tokens fed to every model."""
-    i = max(range(len(dialogs)), key=lambda j: len(answers[j]))
+    """Figure 10 on the model's longest dialog (of an instruction kind GAtt trained on, if any),
+    the same tokens fed to every model."""
+    i = max(range(len(dialogs)), key=lambda j: (dialogs[j].group in ("seen", "custom"), len(answers[j])))
     d, a = dialogs[i], answers[i]
     messages = instructed_dialog(d.instruction.text, d.users[:len(a)], a, cfg.system_message)
     model, fmt = loaded["model"]
