@@ -153,6 +153,10 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        # Inspection only (Figure 10, `attention_probs`): when set, the next forward takes an explicit
+        # softmax path and keeps its probabilities (B, heads, T, S) in `weights`. Off, nothing changes.
+        self.record_weights = False
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x, freqs_cis, mask, cache: KVCache | None = None, layer: int = 0,
                 keep: torch.Tensor | None = None):
@@ -171,11 +175,26 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
-        if mask is None:  # plain causal attention over this chunk only (training, no cache)
+        if self.record_weights:
+            out = self._explicit_attention(q, k, v, mask)
+        elif mask is None:  # plain causal attention over this chunk only (training, no cache)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(_keep_rows(out.transpose(1, 2).reshape(B, T, -1), keep))
+
+    def _explicit_attention(self, q, k, v, mask):
+        """softmax(q·kᵀ/√d + mask)·v written out, the probabilities kept in `self.weights` (detached, fp32)."""
+        T, S = q.shape[2], k.shape[2]
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        self.weights = probs.detach()
+        return (probs @ v.float()).type_as(q)
 
 
 def _keep_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -331,6 +350,22 @@ class Transformer(nn.Module):
         """The output projection of final normalised hidden states (from `return_hidden=True`):
         (..., dim) -> (..., vocab) fp32 logits (vocab = 1 for a scalar head)."""
         return self.output(hidden).float()
+
+
+@torch.no_grad()
+def attention_probs(model: Transformer, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The attention probabilities of every layer for `tokens` (B, T): a list of (B, heads, T, T)
+    fp32 tensors, computed with an explicit softmax for this one forward (the model's own path is
+    untouched; its logits are the same to float rounding). For plots such as Figure 10."""
+    blocks = [layer.attention for layer in model.layers]
+    try:
+        for a in blocks:
+            a.record_weights, a.weights = True, None
+        model(tokens)
+        return [a.weights for a in blocks]
+    finally:
+        for a in blocks:
+            a.record_weights, a.weights = False, None
 
 
 class KVCache:

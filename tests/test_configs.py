@@ -10,6 +10,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def recipe_configs():
     from llama2.recipes.evaluate import EvaluateConfig
+    from llama2.recipes.gatt import GattConfig
     from llama2.pipeline import PipelineConfig
     from llama2.recipes.ppo import PPOConfig
     from llama2.recipes.pretrain import PretrainConfig
@@ -18,7 +19,7 @@ def recipe_configs():
     from llama2.recipes.sft import SFTConfig
 
     return {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
-            "rlhf/rejection_sampling": RejectionSamplingConfig, "rlhf/ppo": PPOConfig,
+            "rlhf/rejection_sampling": RejectionSamplingConfig, "rlhf/ppo": PPOConfig, "rlhf/gatt": GattConfig,
             "evaluate": EvaluateConfig, "pipeline": PipelineConfig}
 
 

@@ -186,4 +186,5 @@ def main(cfg: EvaluateConfig, resume: bool = False) -> int:
 
 
 def cli(argv: list[str]) -> int:
-    return recipe_cli(argv, EvaluateConfig, main, "llama2 evaluate", __doc__.split("\n\n")[0])
+    return recipe_cli(argv, EvaluateConfig, main, "llama2 evaluate", __doc__.split("\n\n")[0]
+                      + " Multi-turn consistency of a system instruction: `llama2 evaluate multi-turn --help`.")
