@@ -8,6 +8,8 @@ built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…
     -> rejection sampling from the latest model, pooling earlier versions' best answers from
        `pool_from_version` on (§3.2.3: from V3)
     -> from `ppo_from_version` on, PPO on top of the rejection-sampling checkpoint (as from V4 in the paper)
+    -> in version `gatt_after_version`, Ghost Attention on that version's model (§3.3: after RLHF V3)
+       and the multi-turn evaluation of instruction adherence, with and without it
     -> evaluation against the SFT model (§3.4)
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
 -> summary.json and report.html.
@@ -34,7 +36,7 @@ import yaml
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
-from llama2.recipes import ppo, pretrain, rejection_sampling, reward_model, reward_scaling, sft
+from llama2.recipes import gatt, multi_turn, ppo, pretrain, rejection_sampling, reward_model, reward_scaling, sft
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
@@ -61,6 +63,9 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     versions: int = 3  # RLHF-V1 ... Vn
     ppo_from_version: int = 3  # PPO on top of rejection sampling from this version on (0 = never)
+    # Ghost Attention on this version's RLHF model (§3.3: after RLHF V3), then the multi-turn
+    # evaluation of the GAtt model against the model before it; later versions start from it. 0 = never.
+    gatt_after_version: int = 0
     # Rejection sampling pools the best answers of every earlier version from this version on
     # (§3.2.3: "up to RLHF V3 [...] only from the samples collected from the previous iteration";
     # from V3 on, all earlier iterations' top samples). 0 = never.
@@ -88,6 +93,8 @@ class PipelineConfig:
     reward: dict = field(default_factory=dict)
     rejection_sampling: dict = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)
+    gatt: dict = field(default_factory=dict)  # llama2 rlhf gatt's options (configs/rlhf/gatt_tiny.yaml)
+    multi_turn: dict = field(default_factory=dict)  # llama2 evaluate multi-turn's options
     evaluate: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
@@ -102,6 +109,8 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
         names += [f"v{v}.annotate", f"v{v}.reward", f"v{v}.rejection_sampling"]
         if cfg.ppo_from_version and v >= cfg.ppo_from_version:
             names.append(f"v{v}.ppo")
+        if v == cfg.gatt_after_version:
+            names += [f"v{v}.gatt", f"v{v}.multi_turn"]
         names.append(f"v{v}.eval")
     if cfg.control:
         names += ["control", "control.eval"]
@@ -169,9 +178,12 @@ def check(cfg: PipelineConfig) -> None:
     """Everything that can be checked before work starts: stage configs and the files they name."""
     if cfg.versions < 1:
         raise ConfigError("versions: at least one RLHF version is needed")
+    if not 0 <= cfg.gatt_after_version <= cfg.versions:
+        raise ConfigError(f"gatt_after_version: {cfg.gatt_after_version} is not one of the versions 1..{cfg.versions} "
+                          f"(0 = no Ghost Attention)")
     for name, cls in [("pretrain", pretrain.PretrainConfig), ("sft", sft.SFTConfig), ("reward", reward_model.RewardConfig),
                       ("rejection_sampling", rejection_sampling.RejectionSamplingConfig), ("ppo", ppo.PPOConfig),
-                      ("evaluate", EvaluateConfig)]:
+                      ("gatt", gatt.GattConfig), ("multi_turn", multi_turn.MultiTurnConfig), ("evaluate", EvaluateConfig)]:
         from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
     for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
                 "extra_preferences"):
@@ -368,6 +380,33 @@ def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: i
     return {"model": str(out / "final"), "steps": steps}
 
 
+def stage_gatt(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: str) -> dict:
+    """Ghost Attention (§3.3) on `policy`: answers sampled with the instruction on every user turn of
+    the run's SFT dialogs, fine-tuned with it in the first turn only (llama2 rlhf gatt)."""
+    over = dict(cfg.gatt)
+    if "sft" in over:
+        over["sft"] = with_pretrain_tokens(run, over["sft"])
+    dialogs = run.files(cfg.sft_train, "sft/train.jsonl")
+    if over.get("mix_share") and not over.get("mix_data"):
+        over["mix_data"] = dialogs
+    gc = from_dict(gatt.GattConfig, {**over, "seed": derive_seed(cfg.seed, version), "device": cfg.device},
+                   "pipeline.gatt")
+    model = gatt.run(policy, dialogs, out, gc)
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+    steps = sum(1 for _ in open(out / "sft" / "metrics.jsonl")) if (out / "sft" / "metrics.jsonl").is_file() else 0
+    return {"model": str(model), "steps": steps, "stats": stats}
+
+
+def stage_multi_turn(run: Run, cfg: PipelineConfig, out: Path, model: str, baseline: str) -> dict:
+    """Instruction adherence turn by turn (Appendix A.3.5, Figure 10), with and without GAtt."""
+    mc = from_dict(multi_turn.MultiTurnConfig,
+                   {**cfg.multi_turn, "out_dir": str(out), "model": model, "baseline": baseline,
+                    "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"), "device": cfg.device},
+                   "pipeline.multi_turn")
+    multi_turn.main(mc)
+    return {"multi_turn": str(out / "multi_turn.json")}
+
+
 def stage_eval(run: Run, cfg: PipelineConfig, out: Path, model: str, baselines: list[str], rms: dict) -> dict:
     ec = from_dict(EvaluateConfig, {**cfg.evaluate, "out_dir": str(out), "model": model, "baselines": baselines,
                                     "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"),
@@ -450,7 +489,7 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
     if stage == "control":
         # as many more optimizer steps of SFT data as the RLHF stages took, from the SFT model
         extra = sum(run.state["done"][s].get("steps", 0) for s in run.state["done"]
-                    if s.endswith((".rejection_sampling", ".ppo")))
+                    if s.endswith((".rejection_sampling", ".ppo", ".gatt")))
         sft_steps = max(1, run.state["done"]["sft"].get("steps", 1))
         epochs = from_dict(sft.SFTConfig, cfg.sft, "pipeline.sft").epochs
         return {**stage_sft(run, cfg, out, resume, sft_model, {"epochs": epochs * extra / sft_steps}),
@@ -475,8 +514,12 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         return stage_rejection_sampling(run, cfg, out, resume, v, latest, _rms(run, v))
     if step == "ppo":
         return stage_ppo(run, cfg, out, resume, v, run.output(f"v{v}.rejection_sampling"), _rms(run, v))
+    if step == "gatt":
+        return stage_gatt(run, cfg, out, v, _trained_policy(run, v))
+    if step == "multi_turn":
+        return stage_multi_turn(run, cfg, out, run.output(f"v{v}.gatt"), _trained_policy(run, v, gatt=False))
     if step == "eval":
-        model = run.output(f"v{v}.ppo") if run.done(f"v{v}.ppo") else run.output(f"v{v}.rejection_sampling")
+        model = _trained_policy(run, v)
         return {**stage_eval(run, cfg, out, model, [sft_model], _rms(run, v)), "model_path": model}
     raise ConfigError(f"unknown stage {stage!r}")
 
@@ -485,12 +528,20 @@ def _rms(run: Run, version: int) -> dict:
     return {k: run.output(f"v{version}.reward", k) for k in AXES}
 
 
+def _trained_policy(run: Run, version: int, gatt: bool = True) -> str:
+    """Version `version`'s newest model so far: GAtt's (unless `gatt` is false), PPO's, or rejection
+    sampling's."""
+    for stage in ((f"v{version}.gatt",) if gatt else ()) + (f"v{version}.ppo", f"v{version}.rejection_sampling"):
+        if run.done(stage):
+            return run.output(stage)
+    raise ConfigError(f"version {version} has no trained model yet")
+
+
 def _latest_policy(run: Run, version: int) -> str:
     """The newest chat model before version `version`'s training: the previous version's, else SFT."""
     for v in range(version - 1, 0, -1):
-        for stage in (f"v{v}.ppo", f"v{v}.rejection_sampling"):
-            if run.done(stage):
-                return run.output(stage)
+        if run.done(f"v{v}.rejection_sampling"):
+            return _trained_policy(run, v)
     return run.output("sft")
 
 

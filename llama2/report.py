@@ -299,6 +299,36 @@ def reward_scaling(run: Path) -> str:
             f"{result['ranked_test_pairs']} held-out pairs they rank, 95% CI, n pairs:</p>" + _table(rows, header))
 
 
+def multi_turn_section(run: Path) -> str:
+    """Ghost Attention's multi-turn evaluation (Appendix A.3.5, Figure 10), if the run has one: per
+    turn, the share of answers that keep the system instruction, with and without GAtt; the
+    adherence plot, and the attention plot when it was drawn."""
+    found = sorted(run.glob("v*/multi_turn/multi_turn.json"))
+    if not found:
+        return ""
+    d = found[-1].parent
+    result = json.loads(found[-1].read_text())
+    names = [n for n in ("model", "baseline") if n in result]
+    turns = max(len(result[n]["overall"]) for n in names)
+    rows = []
+    for t in range(turns):
+        row = [t + 1]
+        for n in names:
+            r = result[n]["overall"][t] if t < len(result[n]["overall"]) else None
+            row.append(f"{r['share']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n={r['n']})" if r else "—")
+        rows.append(row)
+    labels = {"model": "with GAtt", "baseline": "without GAtt"}
+    parts = [f"<h2>Ghost Attention: instructions kept turn by turn</h2><p>{result['dialogs']} dialogs, the system "
+             f"instruction given once; share of answers that still keep it (by its checker), 95% CI. Groups: "
+             f"{html.escape(json.dumps(result.get('groups', {})))}.</p>",
+             _table(rows, ["turn"] + [f"{labels[n]} ({html.escape(Path(result['paths'][n]).parent.parent.name)})"
+                                      for n in names])]
+    for name in ("adherence.png", "attention.png"):
+        if (d / name).is_file():
+            parts.append(f"<img src='data:image/png;base64,{base64.b64encode((d / name).read_bytes()).decode()}'>")
+    return "".join(parts)
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """The page leads with the answer (the headline table, per family), then the plots, then
     example answers side by side; the raw summary comes last."""
@@ -335,6 +365,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
             parts.append(f"<h2>{title}</h2><img src='{img}'>")
         if fn is plot_reward_accuracy:
             parts.append(reward_scaling(run))
+    parts.append(multi_turn_section(run))
     side_by_side = examples(run, summary)
     if side_by_side:
         parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)
