@@ -269,7 +269,7 @@ def test_sigkill_mid_session_keeps_every_confirmed_judgement(setup, tmp_path):
     assert rows(db, "PRAGMA journal_mode")[0][0] == "wal"
 
 
-def test_export_validates(server, tmp_path):
+def test_export_validates_and_trains_a_reward_model(setup, server, tmp_path):
     # two more judgements with labels the export treats specially: chosen unsafe (dropped) and a safety pair
     with client(server["url"], "bob") as c:
         cmp = c.post("/api/comparisons", json={"prompt": "the town asks"}).json()
@@ -298,6 +298,12 @@ def test_export_validates(server, tmp_path):
     assert any(r["axis"] == "safety" for r in records)  # prompt p1 is a safety prompt
     assert llama2_main(["data", "validate", str(out), "--kind", "preferences"]) == 0
     assert llama2_main(["annotate", "export", "--db", str(tmp_path / "missing.db"), "--out", str(out)]) == 1
+    # `llama2 reward train` reads the export as it is (two steps on the tiny model)
+    rm = tmp_path / "rm"
+    assert llama2_main(["reward", "train", f"model={setup['models'][0]}", f"train_data=[{out}]", f"out_dir={rm}",
+                        "batch_size=4", "micro_batch_size=4", "max_steps=2", "eval_every=2", "log_every=1",
+                        "device=cpu", "dtype=float32"]) == 0
+    assert any(rm.rglob("*.safetensors")) or any(rm.rglob("*.pt"))
 
 
 # ----------------------------------------------------------------------------- the page
