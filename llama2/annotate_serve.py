@@ -80,7 +80,7 @@ def load_prompts(path: str) -> list[dict]:
     out, ids = [], set()
     for n, obj in iter_rows(path):
         if not isinstance(obj, dict):
-            raise FieldError(None, f"{path}, line {n}: a prompt must be a JSON object")
+            raise ValueError(f"{path}, line {n}: a prompt must be a JSON object")
         rec = {"id": f"{Path(path).stem}-{n}", "split": "train", "batch": None, "is_safety": False,
                "risk_category": None, "attack_vector": None, "task": "human", "reference": {}, **obj}
         try:

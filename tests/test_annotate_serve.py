@@ -215,9 +215,14 @@ def test_several_annotators_at_once_all_stored_and_agreement(server):
     # agreement is whatever the A/B shuffles made it, computed over exactly 3 pairs of 2 judgements
     assert [(a["batch"], a["pairs"], a["judgements"]) for a in agreement] == [(3, 3, 6)]
     assert 0.0 <= agreement[0]["percent_agreement"] <= 1.0
-    shared = rows(server["db"], "SELECT pair_id, COUNT(*), COUNT(DISTINCT answer_a || answer_b) FROM judgements "
-                                "WHERE prompt_id IS NOT NULL GROUP BY pair_id HAVING COUNT(*) > 1")
+    by_pair: dict[str, list[tuple]] = {}
+    for pair, a, arm_a, b, arm_b, who in rows(server["db"], "SELECT pair_id, answer_a, arm_a, answer_b, arm_b, "
+                                                            "annotator FROM judgements WHERE prompt_id IS NOT NULL"):
+        by_pair.setdefault(pair, []).append((frozenset([(a, arm_a), (b, arm_b)]), who))
+    shared = [js for js in by_pair.values() if len(js) > 1]
     assert len(shared) == 3
+    for js in shared:  # the same two answers (and arms) for both annotators, who are different people
+        assert len({answers for answers, _ in js}) == 1 and len({who for _, who in js}) == 2
 
 
 def test_sigkill_mid_session_keeps_every_confirmed_judgement(setup, tmp_path):
@@ -367,3 +372,59 @@ def test_annotation_page_in_a_real_browser(server, tmp_path):
     out = tmp_path / "pairs.jsonl"
     assert llama2_main(["annotate", "export", "--db", str(server["db"]), "--out", str(out)]) == 0
     assert not validate_file(out, "preferences")[2]
+
+
+# ----------------------------------------------------------------------------- pieces, in process
+
+
+def test_agreement_counts_arms_not_display_order(tmp_path):
+    """Two annotators on two shared pairs, shown in opposite A/B orders: they agree on the first pair's arm
+    and not on the second's: percent agreement 1/2; pi = (3/4, 1/4), p_e = 2 * 3/16 = 3/8, AC1 = (1/2 - 3/8) / (5/8)."""
+    store = AnnotationStore(tmp_path / "a.db")
+    x, y = {"model": "m", "temperature": 0.7}, {"model": "m", "temperature": 1.1}
+    msgs = [{"role": "user", "content": "hi"}]
+    pairs = []
+    for k in range(2):
+        d = store.new_dialog("ann", 1, "helpfulness", f"p{k}")
+        pairs.append(store.add_comparison(d, 0, "ann", 1, msgs, ("one", "two"), (x, y)))
+    for k, (choice_ann, choice_bob) in enumerate((("A", "B"), ("A", "A"))):
+        store.judge(pairs[k]["id"], "ann", choice_ann, RATINGS[0], "both_safe")
+        d = store.new_dialog("bob", 1, "helpfulness", f"p{k}")
+        c = store.add_comparison(d, 0, "bob", 1, msgs, ("two", "one"), (y, x), pairs[k]["pair_id"])  # swapped
+        store.judge(c["id"], "bob", choice_bob, RATINGS[0], "both_safe")
+    (a,) = store.agreement()
+    assert (a["batch"], a["pairs"], a["judgements"]) == (1, 2, 4)
+    assert a["percent_agreement"] == pytest.approx(0.5) and a["ac1"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="already judged"):
+        store.judge(pairs[0]["id"], "ann", "A", RATINGS[0], "both_safe")
+    store.close()
+
+
+def test_annotator_keys_and_prompt_pool(tmp_path):
+    from llama2.annotate_serve import PromptPool, load_annotators, load_prompts
+
+    f = tmp_path / "keys.txt"
+    f.write_text("# comment\nann:0123456789\n\n")
+    assert load_annotators(str(f), ["bob:abcdefghij"]) == {"ann": "0123456789", "bob": "abcdefghij"}
+    for specs, match in ((["ann:short"], "at least 8"), (["ann:0123456789"], "twice"), (["no key"], "NAME:KEY")):
+        with pytest.raises(ValueError, match=match):
+            load_annotators(str(f), specs)
+    with pytest.raises(ValueError, match="no annotators"):
+        load_annotators(None, [])
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "a"}]}\n'
+                 '{"id": "e", "split": "eval", "messages": [{"role": "user", "content": "b"}]}\n'
+                 '{"id": "c", "messages": [{"role": "user", "content": "c"}]}\n')
+    records = load_prompts(str(p))
+    assert [r["id"] for r in records] == ["p-1", "c"]  # the eval split is skipped
+    p.write_text('{"messages": [{"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(ValueError, match="line 1, field 'messages"):
+        load_prompts(str(p))
+    pool = PromptPool(records, overlap=0.5, per_overlap=2, seed=0)
+    (shared,) = pool.shared
+    (single,) = {"p-1", "c"} - {shared}
+    takers = {shared: {"ann"}}
+    assert pool.next_for("bob", takers)["id"] == shared  # a started shared prompt first
+    assert pool.next_for("ann", takers)["id"] == single
+    takers = {shared: {"ann", "bob"}, single: {"ann"}}
+    assert pool.next_for("bob", takers) is None and pool.left_for("carol", takers) == 0
