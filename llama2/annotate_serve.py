@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llama2.annotation_store import LABELS, AnnotationStore, StoreError
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
-from llama2.formats import AXES, RATINGS, FieldError, check_record, iter_rows
+from llama2.formats import AXES, RATINGS, DataError, FieldError, check_record, iter_rows
 from llama2.generation import SamplingParams
 from llama2.inference import load_for_inference
 from llama2.serve import APIError, Gate, Job, Limits, Server, bearer, install_error_handlers
@@ -80,13 +80,13 @@ def load_prompts(path: str) -> list[dict]:
     out, ids = [], set()
     for n, obj in iter_rows(path):
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}, line {n}: a prompt must be a JSON object")
+            raise DataError(path, n, None, "a prompt must be a JSON object")
         rec = {"id": f"{Path(path).stem}-{n}", "split": "train", "batch": None, "is_safety": False,
                "risk_category": None, "attack_vector": None, "task": "human", "reference": {}, **obj}
         try:
             check_record(rec, "prompts")
         except FieldError as e:
-            raise ValueError(f"{path}, line {n}, field {e.field!r}: {e.message}") from None
+            raise DataError(path, n, e.field, e.message) from None
         if rec["id"] in ids:
             raise ValueError(f"{path}, line {n}: duplicate prompt id {rec['id']!r}")
         ids.add(rec["id"])
