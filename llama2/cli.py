@@ -38,6 +38,14 @@ STUDY: Table = {
     "reward-scaling-run": ("llama2.pipeline:reward_scaling_cli",
                            "the same study on a pipeline run's weekly batches: --run RUN_DIR"),
 }
+ANNOTATE: Table = {
+    "simulate": ("llama2.recipes.annotate:simulate_cli", "a weekly batch judged by the world's simulated annotators"),
+    "serve": ("llama2.annotate_serve:cli", "the web annotation tool for human annotators (SQLite store)"),
+    "export": ("llama2.recipes.annotate:export_cli", "human judgements as preference records"),
+}
+# A nested command given options but no subcommand runs this function (`llama2 annotate --simulate ...`, the
+# command line from before `annotate` had subcommands).
+WITHOUT_SUBCOMMAND = {"llama2 annotate": "llama2.recipes.annotate:cli"}
 COMMANDS: Table = {
     "chat": ("llama2.chat:cli", "chat with a model in the terminal (streaming, multi-turn, /reset)"),
     "serve": ("llama2.serve:cli", "OpenAI-compatible HTTP server: continuous batching, safety filter, chat page"),
@@ -54,7 +62,7 @@ COMMANDS: Table = {
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
-    "annotate": ("llama2.recipes.annotate:cli", "simulated weekly preference batch (§3.2.1)"),
+    "annotate": (ANNOTATE, "preference data (§3.2.1): simulate | serve (human annotation tool) | export"),
     "world": ("llama2.world.generate:world_cli", "the built-in world: llama2 world generate"),
 }
 
@@ -78,7 +86,10 @@ def dispatch(prog: str, table: Table, argv: list[str]) -> int:
         return 2
     target, _ = table[name]
     if isinstance(target, dict):
-        return dispatch(f"{prog} {name}", target, rest)
+        sub = f"{prog} {name}"
+        if rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help") and sub in WITHOUT_SUBCOMMAND:
+            return int(load_object(WITHOUT_SUBCOMMAND[sub], sub)(rest) or 0)
+        return dispatch(sub, target, rest)
     return int(load_object(target, f"{prog} {name}")(rest) or 0)
 
 

@@ -365,17 +365,40 @@ class Server:
 # ----------------------------------------------------------------------------- the ASGI gate
 
 
-class Gate:
-    """Outermost layer: API key (401), request body size (413) and per-route request counts."""
+Authorize = Callable[[dict[str, str], str], str | None]  # (lower-cased headers, path) -> None or the 401 message
 
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
+
+def bearer(headers: dict[str, str]) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header ("" when there is none)."""
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
+def api_key_check(key: str | None, open_paths: tuple[str, ...] = OPEN_PATHS) -> Authorize:
+    """`llama2 serve`'s rule: with a key, every path but `open_paths` needs `Authorization: Bearer KEY`."""
+
+    def authorize(headers: dict[str, str], path: str) -> str | None:
+        if not key or path in open_paths or hmac.compare_digest(bearer(headers).encode(), key.encode()):
+            return None
+        return "missing or wrong API key: send `Authorization: Bearer KEY`"
+
+    return authorize
+
+
+class Gate:
+    """Outermost layer: authorization (401), request body size (413) and per-route request counts.
+
+    `authorize` defaults to the server's API key; `llama2 annotate serve` passes its per-annotator check."""
+
+    def __init__(self, app, server: Server, authorize: Authorize | None = None, routes: tuple[str, ...] = ROUTES):
+        self.app, self.server, self.routes = app, server, routes
+        self.authorize = authorize or api_key_check(server.api_key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = path if path in self.routes else "other"
         status = {"code": 500}
 
         async def send_counted(message):
@@ -390,13 +413,9 @@ class Gate:
 
     async def _gate(self, scope, receive, send, path):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key = self.server.api_key
-        if key and path not in OPEN_PATHS:
-            auth = headers.get("authorization", "")
-            given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return await reply(send, 401, error_body("missing or wrong API key: send `Authorization: Bearer KEY`",
-                                                         "authentication_error"))
+        refused = self.authorize(headers, path)
+        if refused is not None:
+            return await reply(send, 401, error_body(refused, "authentication_error"))
         limit = self.server.limits.max_request_bytes
         if scope["method"] in ("POST", "PUT", "PATCH"):
             declared = headers.get("content-length")
@@ -439,9 +458,8 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: Server) -> Gate:
-    """The FastAPI app behind the Gate (API key, body size, request counts)."""
-    app = FastAPI(title="llama2 serve", docs_url=None, redoc_url=None, openapi_url=None)
+def install_error_handlers(app: FastAPI) -> None:
+    """APIError -> its status with an OpenAI-style error body; invalid fields -> 422 naming the first field."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -456,6 +474,12 @@ def create_app(server: Server) -> Gate:
         body = error_body(f"invalid field {field}: {first.get('msg', 'invalid request')}", param=field)
         body["detail"] = jsonable_encoder(errors, custom_encoder={Exception: str})
         return JSONResponse(body, status_code=422)
+
+
+def create_app(server: Server) -> Gate:
+    """The FastAPI app behind the Gate (API key, body size, request counts)."""
+    app = FastAPI(title="llama2 serve", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():

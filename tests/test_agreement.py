@@ -3,7 +3,7 @@ from fractions import Fraction as F
 
 import pytest
 
-from llama2.world.agreement import gwet, gwet_ac1, gwet_ac2, percent_agreement, weight_matrix
+from llama2.agreement import gwet, gwet_ac1, gwet_ac2, percent_agreement, weight_matrix
 
 N = None
 # Gwet (2014), Handbook of Inter-Rater Reliability, 4th ed., p. 120: 4 raters, 12 subjects,

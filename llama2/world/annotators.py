@@ -23,9 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+from llama2.agreement import gwet
 from llama2.formats import AXES, RATINGS
 from llama2.world import safety  # noqa: F401  (registers the adversarial and borderline graders)
-from llama2.world.agreement import gwet
 from llama2.world.grading import grade_helpfulness
 from llama2.world.safety_grading import grade_safety
 

@@ -15,8 +15,9 @@ other weights give AC2 (ordinal scales such as the 5-point Likert ratings).
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from math import comb
-from typing import Hashable, NamedTuple, Sequence
+from typing import NamedTuple
 
 WEIGHTS = ("identity", "linear", "quadratic", "ordinal")
 
