@@ -16,7 +16,8 @@ from llama2.config import ConfigError, load_config
 from llama2.model import ModelArgs, Transformer
 from llama2.pipeline import PipelineConfig, reward_scaling_config
 from llama2.recipes.reward_model import accuracy_against_truth
-from llama2.recipes.reward_scaling import ScalingConfig, check, describe_models, main, pair_counts
+from llama2.recipes.reward_scaling import (ScalingConfig, check, describe_models, likelihood_accuracy, main, pair_counts,
+                                          table_rows)
 from llama2.report import REWARD_SCALING_DIR, write_report
 
 # A learnable signal: the chosen answer is about hills, the rejected one about the town.
@@ -99,6 +100,19 @@ def test_one_result_per_model_and_point_in_batch_order(study, data, capsys):
     assert best["accuracy"]["graders_ranked"]["ci95"][0] > 0.6, best["accuracy"]
 
 
+def test_each_model_is_also_judged_by_its_own_likelihood(study, data):
+    """The untrained reference: the answer with the higher mean log-probability wins. Flipping which
+    answer the graders prefer flips every decided verdict."""
+    result = json.loads((study / "reward_scaling.json").read_text())
+    for m in result["models"]:
+        assert m["likelihood"]["graders_ranked"]["n"] == 40 and m["likelihood"]["grader_ties"] == 8
+    tests = [json.loads(line) for line in Path(data["test"]).read_text().splitlines()][:40]
+    got = likelihood_accuracy(data["models"][0], tests, "cpu")["graders_ranked"]["accuracy"]
+    flipped = [{**t, "meta": {"grader_gap": -t["meta"]["grader_gap"]}} for t in tests]
+    assert likelihood_accuracy(data["models"][0], flipped, "cpu")["graders_ranked"]["accuracy"] == pytest.approx(1 - got)
+    assert "its own likelihood" in " ".join(r[0] for r in table_rows(result)[1])
+
+
 def test_rerun_skips_finished_points(study, data, capsys):
     before = {p: p.stat().st_mtime_ns for p in study.glob("*/pairs-*/result.json")}
     assert len(before) == 6
@@ -156,6 +170,9 @@ def test_pair_counts_and_accuracy_by_hand():
     got = accuracy_against_truth([1.0, -0.5, 0.2, 0.0, 3.0, -3.0], [0.3, -0.1, -0.2, 0.5, 0.0, 0.0])
     assert got["graders_ranked"]["n"] == 4 and got["graders_ranked"]["accuracy"] == pytest.approx(2.5 / 4)
     assert got["grader_ties"] == 2 and got["labels_all"]["accuracy"] == pytest.approx(3.5 / 6)
+    by_task = accuracy_against_truth([1.0, -0.5, 0.2, 0.0, 3.0, -3.0], [0.3, -0.1, -0.2, 0.5, 0.0, 0.0],
+                                     ["fact", "fact", "units", "units", "fact", "units"])["graders_by_task"]
+    assert {t: (a["n"], a["accuracy"]) for t, a in by_task.items()} == {"fact": (2, 1.0), "units": (2, 0.25)}
 
 
 def test_a_pipeline_run_gives_the_study_its_batches_and_model(data, tmp_path, capsys):

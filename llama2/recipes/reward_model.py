@@ -312,7 +312,7 @@ def on_policy_accuracy(rm_path: str, pairs_files: str | list[str], objective: st
     dialogs = [p["messages"] for p in pairs]
     scores = scorer.score(dialogs + dialogs, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
     diff = (scores[: len(pairs)] - scores[len(pairs):]).tolist()  # both sides in one batched pass
-    return accuracy_against_truth(diff, [grader_gap(p) for p in pairs])
+    return accuracy_against_truth(diff, [grader_gap(p) for p in pairs], [p.get("task") for p in pairs])
 
 
 def grader_gap(pair: dict) -> float | None:
@@ -320,9 +320,10 @@ def grader_gap(pair: dict) -> float | None:
     return (pair.get("meta") or {}).get("grader_gap")
 
 
-def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
+def accuracy_against_truth(diff: list[float], gaps: list[float | None], tasks: list[str | None] | None = None) -> dict:
     """`on_policy_accuracy` from the reward model's score differences r(chosen) - r(rejected) and the
-    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked)."""
+    graders' score gaps score(chosen) - score(rejected) (0: a tie; None: unknown, not ranked); with
+    the pairs' `tasks`, also the accuracy against the graders per task family (`graders_by_task`)."""
     agree = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diff]  # a tie counts half
     ranked = [i for i, g in enumerate(gaps) if g]
     vs_graders = [1.0 if diff[i] * gaps[i] > 0 else 0.5 if diff[i] == 0 else 0.0 for i in ranked]
@@ -331,8 +332,14 @@ def accuracy_against_truth(diff: list[float], gaps: list[float | None]) -> dict:
         n, k = len(correct), sum(correct)
         return {"n": n, "accuracy": k / n if n else None, "ci95": list(wilson_interval(round(k), n))}
 
-    return {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
-            "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
+    out = {"pairs": len(diff), "grader_ties": sum(g == 0 for g in gaps), "labels_all": accuracy(agree),
+           "labels_ranked": accuracy([agree[i] for i in ranked]), "graders_ranked": accuracy(vs_graders)}
+    if tasks is not None:
+        by_task: dict[str, list[float]] = {}
+        for i, correct in zip(ranked, vs_graders):
+            by_task.setdefault(str(tasks[i]), []).append(correct)
+        out["graders_by_task"] = {t: accuracy(c) for t, c in sorted(by_task.items())}
+    return out
 
 
 # ----------------------------------------------------------------------------- eval and score

@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
 
+from llama2.chat_format import ChatFormat
 from llama2.checkpoint import read_checkpoint
 from llama2.config import ConfigError, from_dict, save_config
 from llama2.formats import AXES, read_records
-from llama2.inference import pick_device
+from llama2.inference import load_for_inference, pick_device
+from llama2.rollout import token_logprobs
 from llama2.recipes import reward_model
 from llama2.recipes.common import recipe_cli, write_atomic, write_jsonl_atomic
 
@@ -44,6 +47,10 @@ class ScalingConfig:
     # recipe's default is one epoch, so more pairs are more steps; max_steps > 0 fixes the steps instead.
     reward: dict = field(default_factory=dict)
     keep_models: bool = False  # keep each point's reward model (rm/final); off: only its log and result
+    # Also judge the test pairs by each chat model's own likelihood, before any reward training: the
+    # answer with the higher mean log-probability per token wins. What the model already "knows"
+    # about its answers, the reference a reward model started from it has to beat.
+    likelihood_baseline: bool = True
     seed: int = 0  # the reward runs' seed (data order, mix, head init)
     device: str = "auto"
 
@@ -212,6 +219,44 @@ def _fmt(acc: dict) -> str:
             f"{interval(acc['labels_ranked'])} vs the annotators")
 
 
+def likelihood_accuracy(model_path: str, tests: list[dict], device: str) -> dict:
+    """`on_policy_accuracy` of the chat model's own mean log-probability per answer token as the judge."""
+    model, tokenizer = load_for_inference(model_path, device)
+    fmt = ChatFormat(tokenizer)
+    dev = next(model.parameters()).device
+
+    def mean_logprob(dialog: list[dict], answer: str) -> float:
+        ids, mask = fmt.training_ids(list(dialog) + [{"role": "assistant", "content": answer}])
+        ids = ids[: model.args.max_seq_len + 1]
+        x = torch.tensor(ids, device=dev)[None]
+        with torch.no_grad():
+            lp = token_logprobs(model(x[:, :-1]).float(), x[:, 1:]).reshape(-1)
+        answer_tokens = torch.tensor(mask[1: len(ids)], device=dev)
+        return lp[answer_tokens].mean().item() if answer_tokens.any() else 0.0
+
+    diff = [mean_logprob(p["messages"], p["chosen"]) - mean_logprob(p["messages"], p["rejected"]) for p in tests]
+    return reward_model.accuracy_against_truth(diff, [reward_model.grader_gap(p) for p in tests],
+                                               [p.get("task") for p in tests])
+
+
+def model_likelihood(cfg: ScalingConfig, model: Model, tests: list[dict]) -> dict | None:
+    """The likelihood baseline of one model, computed once (kept in out_dir/<model>/likelihood.json)."""
+    if not cfg.likelihood_baseline:
+        return None
+    path = Path(cfg.out_dir) / model.tag / "likelihood.json"
+    key = {"model": str(Path(model.path).resolve()), "test_data": [str(Path(p).resolve()) for p in cfg.test_data],
+           "objective": cfg.objective}
+    if path.is_file():
+        got = json.loads(path.read_text())
+        if got.get("key") == key:
+            return got["accuracy"]
+    accuracy = likelihood_accuracy(model.path, tests, str(pick_device(cfg.device)))
+    write_atomic(path, json.dumps({"key": key, "accuracy": accuracy}, indent=1) + "\n")
+    print(f"[study] {model.label}: its own likelihood as the judge, before reward training: {_fmt(accuracy)}",
+          flush=True)
+    return accuracy
+
+
 # ----------------------------------------------------------------------------- plot
 
 
@@ -229,9 +274,13 @@ def plot_scaling(result: dict) -> Figure:
             acc = [p["accuracy"][judge] for p in pts]
             ys = [a["accuracy"] for a in acc]
             dodge = 1.03 ** (i - (k - 1) / 2)  # models side by side, so that equal values stay visible
-            ax.errorbar([p["pairs"] * dodge for p in pts], ys, yerr=[[y - a["ci95"][0] for y, a in zip(ys, acc)],
-                                                                      [a["ci95"][1] - y for y, a in zip(ys, acc)]],
-                        fmt="o-", capsize=3, label=m["label"])
+            line = ax.errorbar([p["pairs"] * dodge for p in pts], ys,
+                               yerr=[[y - a["ci95"][0] for y, a in zip(ys, acc)], [a["ci95"][1] - y for y, a in zip(ys, acc)]],
+                               fmt="o-", capsize=3, label=m["label"])
+            own = (m.get("likelihood") or {}).get(judge, {}).get("accuracy")
+            if own is not None:
+                ax.axhline(own, color=line[0].get_color(), lw=1, ls=":",
+                           label=f"{m['label']}: its own likelihood, untrained")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
         ax.set_xscale("log")
         ax.set_xticks(counts, [str(n) for n in counts])
@@ -258,6 +307,9 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             acc = got[0]["accuracy"]["graders_ranked"] if got else {}
             row.append(f"{interval(acc)} n={acc['n']}" if acc else "–")
         rows.append(row)
+    if any(m.get("likelihood") for m in result["models"]):
+        rows.append(["0 (its own likelihood as the judge)"] + [
+            interval(m["likelihood"]["graders_ranked"]) if m.get("likelihood") else "–" for m in result["models"]])
     return header, rows
 
 
@@ -278,13 +330,15 @@ def main(cfg: ScalingConfig, resume: bool = True) -> int:
           f"{ranked} ranked of {len(tests)} held-out pairs; out: {out}", flush=True)
     points = []
     total = len(models) * len(counts)
+    likelihood = {m.path: model_likelihood(cfg, m, tests) for m in models}
     for i, model in enumerate(models):
         for j, n in enumerate(counts):
             result = run_point(cfg, model, train[:n], f"{i * len(counts) + j + 1}/{total}")
             points.append({k: v for k, v in result.items() if k != "key"})
     result = {"objective": cfg.objective, "train_data": cfg.train_data, "test_data": cfg.test_data,
               "train_pairs": len(train), "test_pairs": len(tests), "ranked_test_pairs": ranked,
-              "models": [{"model": m.path, "params": m.params, "label": m.label} for m in models], "points": points}
+              "models": [{"model": m.path, "params": m.params, "label": m.label, "likelihood": likelihood[m.path]}
+                         for m in models], "points": points}
     write_atomic(out / "reward_scaling.json", json.dumps(result, indent=1) + "\n")
     tmp = out / ".reward_scaling.tmp.png"
     plot_scaling(result).savefig(tmp, dpi=110)
