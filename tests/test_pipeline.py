@@ -17,7 +17,7 @@ TINY = REPO / "configs" / "pipeline" / "tiny.yaml"
 
 # configs/pipeline/tiny.yaml shrunk to seconds per stage: the same code paths, far fewer steps.
 REDUCED = [
-    "annotate.prompts_per_batch=48", "annotate.max_new_tokens=24",
+    "annotate.prompts_per_batch=48", "annotate.test_prompts_per_batch=0", "annotate.max_new_tokens=24",
     "pretrain.max_steps=20", "pretrain.batch_tokens=1024", "pretrain.data.seq_len=128",
     "pretrain.eval_every=10", "pretrain.ckpt_every=10", "pretrain.model.vocab_size=1024",
     "sft.epochs=0.05", "sft.eval_every=5", "sft.ckpt_every=5",
@@ -126,11 +126,12 @@ def test_configuration_is_checked_before_any_work(tmp_path, world_dir):
                                              "sft.pretrain_mix=0"])
     with pytest.raises(ConfigError, match="rejection_sampling.sft.pretrain_mix: with base_model"):
         check(cfg)
-    # the preset samples safety prompts only: a prompt file without any is refused at once
+    # sampling safety prompts only (an ablation): a prompt file without any is refused at once
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(line for line in (world_dir / "prompts" / "train.jsonl").read_text().splitlines(True)
                              if not json.loads(line)["is_safety"]))
-    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"prompts=[{plain}]"])
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", f"prompts=[{plain}]",
+                                             "rejection_sampling.reward_axes=[safety]"])
     with pytest.raises(ConfigError, match=r"rejection_sampling.reward_axes: \['safety'\], but prompts .* hold only "
                                           r"\['helpfulness'\]"):
         check(cfg)
@@ -158,12 +159,12 @@ def test_reward_model_accuracy_on_the_policy_answers_is_measured_on_what_the_gra
     assert got["labels_ranked"]["accuracy"] == pytest.approx(2.5 / 4)
     assert got["graders_ranked"]["accuracy"] == pytest.approx(2.5 / 4)
 
-    shipped = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}"])  # trusts the safety RM only
-    paper = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}",
-                                               "rejection_sampling.reward_axes=[helpfulness,safety]"])
+    safety_only = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "rejection_sampling.reward_axes=[safety]",
+                                                     "ppo.reward_axes=[safety]"])  # the ablation: the safety RM only
+    paper = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}"])  # the preset: both, as the paper
     chance = accuracy_against_truth([1.0] * 53 + [-1.0] * 47 + [1.0] * 20, [0.3] * 100 + [0.0] * 20)
     clear = accuracy_against_truth([1.0] * 160 + [-1.0] * 40, [0.3] * 200)
-    report_on_policy_accuracy(shipped, chance, "helpfulness", 2)
+    report_on_policy_accuracy(safety_only, chance, "helpfulness", 2)
     report_on_policy_accuracy(paper, chance, "helpfulness", 2)
     report_on_policy_accuracy(paper, clear, "safety", 2)
     report_on_policy_accuracy(paper, {}, "safety", 1)  # no held-out pairs: nothing to say
@@ -173,7 +174,7 @@ def test_reward_model_accuracy_on_the_policy_answers_is_measured_on_what_the_gra
     assert "helpfulness RM on batch 2's 120 held-out pairs (20 that the graders tie): on the 100 they rank, " \
            "0.530 [0.433, 0.625] vs the graders" in lines[0]
     assert lines[0].endswith("at chance; left out of reward_axes")
-    assert lines[1].endswith("at chance, yet rejection_sampling optimises it (see reward_axes)")
+    assert lines[1].endswith("at chance, yet rejection_sampling and ppo optimise it (see reward_axes)")
     assert "on the 200 they rank, 0.800 [0.739, 0.850] vs the graders" in lines[2] and "chance" not in lines[2]
     assert lines[3].endswith("too few ranked pairs to tell it from chance")
     assert len(lines) == 4
@@ -207,6 +208,7 @@ def test_held_out_prompts_per_batch_take_the_batch_own_first_then_the_others(tmp
     from llama2.pipeline import Run, _batch_prompts
 
     cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path}", "annotate.prompts_per_batch=100",
+                                             "annotate.test_prompts_per_batch=0",
                                              f"prompts=[{world_dir}/prompts/train.jsonl]",
                                              f"test_prompts=[{world_dir}/prompts/test_batch1.jsonl,"
                                              f"{world_dir}/prompts/test_batch2.jsonl]"])
