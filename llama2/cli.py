@@ -22,6 +22,8 @@ RLHF: Table = {
     "best-of-n": ("llama2.recipes.best_of_n:cli", "max/median reward among N samples per temperature (Figures 7, 8)"),
     "ppo": ("llama2.recipes.ppo:cli", "PPO on the safety-gated reward with a KL penalty"),
     "gatt": ("llama2.recipes.gatt:cli", "Ghost Attention (§3.3): keep a system instruction over many turns"),
+    "context-distill": ("llama2.recipes.context_distill:cli",
+                        "safety context distillation (§4.2.4, Figure 16): safety-RM-gated preprompted answers"),
 }
 # `llama2 evaluate multi-turn ...`; `llama2 evaluate key=value ...` (no subcommand) stays the win-rate evaluation
 EVALUATE: Table = {
@@ -56,7 +58,7 @@ COMMANDS: Table = {
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
     "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
-    "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo; gatt (§3.3)"),
+    "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo; gatt (§3.3); context-distill (§4.2.4)"),
     "data": (DATA, "data tools: pretokenize, info, validate"),
     "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
