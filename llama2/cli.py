@@ -62,6 +62,7 @@ COMMANDS: Table = {
     "data": (DATA, "data tools: pretokenize, info, validate"),
     "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
+    "redteam": ("llama2.recipes.redteam:cli", "a red-teaming round (§4.3): automated attackers, Likert raters, γ, mitigated share"),
     "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
     "annotate": (ANNOTATE, "preference data (§3.2.1): simulate | serve (human annotation tool) | export"),
