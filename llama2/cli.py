@@ -28,6 +28,7 @@ RLHF: Table = {
 # `llama2 evaluate multi-turn ...`; `llama2 evaluate key=value ...` (no subcommand) stays the win-rate evaluation
 EVALUATE: Table = {
     "multi-turn": ("llama2.recipes.multi_turn:cli", "does a system instruction hold turn after turn (§3.3, Figure 10)"),
+    "diversity": ("llama2.recipes.diversity:cli", "Self-BLEU vs temperature, factual vs creative prompts (§5.1, Figure 21)"),
 }
 DATA: Table = {
     "validate": ("llama2.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
@@ -63,7 +64,7 @@ COMMANDS: Table = {
     "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "redteam": ("llama2.recipes.redteam:cli", "a red-teaming round (§4.3): automated attackers, Likert raters, γ, mitigated share"),
-    "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3)"),
+    "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3); diversity (§5.1)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
     "annotate": (ANNOTATE, "preference data (§3.2.1): simulate | serve (human annotation tool) | export"),
     "world": ("llama2.world.generate:world_cli", "the built-in world: llama2 world generate"),
@@ -97,7 +98,7 @@ def dispatch(prog: str, table: Table, argv: list[str]) -> int:
 
 
 def evaluate_cli(argv: list[str]) -> int:
-    """`llama2 evaluate multi-turn ...` is a subcommand; anything else is the win-rate evaluation."""
+    """`llama2 evaluate multi-turn|diversity ...` are subcommands; anything else is the win-rate evaluation."""
     if argv and argv[0] in EVALUATE:
         return dispatch("llama2 evaluate", EVALUATE, argv)
     return int(load_object("llama2.recipes.evaluate:cli", "llama2 evaluate")(argv) or 0)

@@ -27,8 +27,8 @@ def fake_model(complies):
 
 
 def cfg_for(tmp_path, **kw):
-    base = dict(model="fake", out_dir=str(tmp_path / "r1"), risk_categories=["illicit_criminal"],
-                attack_vectors=["direct", "perspective"], per_seed=2, raters=EXACT)
+    base = {"model": "fake", "out_dir": str(tmp_path / "r1"), "risk_categories": ["illicit_criminal"],
+            "attack_vectors": ["direct", "perspective"], "per_seed": 2, "raters": EXACT}
     return RedteamConfig(**{**base, **kw})
 
 

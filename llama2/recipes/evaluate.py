@@ -187,4 +187,5 @@ def main(cfg: EvaluateConfig, resume: bool = False) -> int:
 
 def cli(argv: list[str]) -> int:
     return recipe_cli(argv, EvaluateConfig, main, "llama2 evaluate", __doc__.split("\n\n")[0]
-                      + " Multi-turn consistency of a system instruction: `llama2 evaluate multi-turn --help`.")
+                      + " Multi-turn consistency of a system instruction: `llama2 evaluate multi-turn --help`;"
+                      + " diversity (Self-BLEU): `llama2 evaluate diversity --help`.")

@@ -35,7 +35,7 @@ import yaml
 
 from llama2.config import ConfigError, load_config, save_config, to_dict
 from llama2.formats import read_records
-from llama2.recipes.common import write_atomic, write_jsonl_atomic
+from llama2.recipes.common import split_overrides, write_atomic, write_jsonl_atomic
 from llama2.recipes.evaluate import wilson_interval
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
@@ -295,9 +295,10 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
+    a.previous_violations, more = split_overrides(a.previous_violations)
     flags = {"model": a.model, "export_sft": a.export_sft, "round": a.round, "out_dir": a.out,
              "previous_violations": f"[{','.join(a.previous_violations)}]" if a.previous_violations else None}
-    overrides = list(a.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = list(a.overrides) + more + [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(RedteamConfig, a.config, overrides)
     if a.templates:
         cfg.user_templates = cfg.user_templates + read_templates(a.templates)
