@@ -1,13 +1,22 @@
 """Safety context distillation (§4.2.4): the safety-RM gate, preprompts, and training data without the preprompt."""
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from llama2.checkpoint import read_checkpoint, save_native
 from llama2.config import ConfigError
+from llama2.model import ModelArgs, Transformer
 from llama2.recipes.context_distill import (CONDITIONS, ContextDistillConfig, check_config, distill, gate_keep,
                                             plot_figure16, preprompt_for, safety_score_fn, with_preprompt)
 from llama2.world.safety import CATEGORY_TEMPLATES, adversarial_prompts, bad_answer, gold_answer
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gate_keeps_only_answers_the_safety_rm_scores_higher():
@@ -121,3 +130,47 @@ def test_config_errors():
         check_config(ContextDistillConfig(policy="p", prompts=["x"], distill_from="both"))
     with pytest.raises(ConfigError, match="eval split"):
         check_config(ContextDistillConfig(policy="p", prompts=["x"], split="eval"))
+
+
+# ----------------------------------------------------------------------------- the recipe, killed and resumed
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(world_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
+                              hidden_dim=128, max_seq_len=256))
+    m.init_weights()
+    d = tmp_path_factory.mktemp("cd_policy") / "policy"
+    save_native(d, m, tokenizer=world_tokenizer)
+    return d
+
+
+@pytest.mark.slow
+def test_killed_context_distillation_resumes_exactly(world_dir, tiny_policy, tmp_path):
+    # a random model is never done within max_new_tokens: keep cut-off answers, no gate (ties everywhere)
+    kw = {"policy": str(tiny_policy), "safety_rm": "grader", "prompts": f"[{world_dir / 'prompts' / 'train.jsonl'}]",
+          "max_prompts": 24, "gate": "false", "drop_truncated": "false", "max_new_tokens": 16, "sft.seq_len": 256,
+          "sft.batch_size": 4, "sft.micro_batch_size": 2, "sft.epochs": 1, "sft.ckpt_every": 1, "sft.log_every": 1}
+    env = {**os.environ, "LLAMA2_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+    def run(out, extra=(), kill=None):
+        e = dict(env, **({"LLAMA2_KILL_AT_STEP": str(kill)} if kill else {}))
+        args = [f"{k}={v}" for k, v in {**kw, "out_dir": str(out)}.items()]
+        return subprocess.run([sys.executable, "-m", "llama2", "rlhf", "context-distill", *args, *extra], env=e,
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    stats = json.loads((tmp_path / "full" / "stats.json").read_text())
+    assert stats["kept"] == stats["training_records"] == 24 - stats["skipped_longer_than_context"]
+    assert (tmp_path / "full" / "figure16.png").is_file()
+    killed = run(tmp_path / "resumed", kill=1)
+    assert killed.returncode != 0
+    resumed = run(tmp_path / "resumed", ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "full" / "data" / "distill.jsonl").read_text() == \
+        (tmp_path / "resumed" / "data" / "distill.jsonl").read_text()
+    a = read_checkpoint(tmp_path / "full" / "final").state
+    b = read_checkpoint(tmp_path / "resumed" / "final").state
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,7 @@ The paper's recipe, step by step (RUN = out_dir):
   3. the gate: the safety reward model scores every answer *to the prompt without the preprompt*,
      and a distilled answer is kept only where it scores higher than the original answer
      (`gate: true`, the paper's choice; `gate: false` keeps every one, the ablation). Answers that
-     are empty, cut off or forge a chat turn are never kept. RUN/stats.json counts what was kept and
+     are empty, cut off (`drop_truncated`) or forge a chat turn are never kept. RUN/stats.json counts what was kept and
      dropped, per risk category; RUN/data/answers.jsonl holds every answer and score;
   4. training data: the prompt *without* the preprompt, answered by the kept distilled answer
      (RUN/data/distill.jsonl); fine-tuned with the SFT recipe (packing, FSDP, exact resume):
@@ -84,6 +84,7 @@ class ContextDistillConfig:
     distill_from: str = "category"  # the preprompted answer that is distilled: category (§4.2.4) | generic
     gate: bool = True  # §4.2.4: keep a distilled answer only where the safety RM scores it above the original
     preprompt_as_system: bool = False  # the preprompt as the system message instead of before the user message
+    drop_truncated: bool = True  # a distilled answer cut off at max_new_tokens is not an answer: never kept
     temperature: float = 1.0  # sampling the answers (the paper's rejection-sampling temperatures)
     top_p: float = 1.0
     max_new_tokens: int = 64
@@ -176,7 +177,7 @@ def distill(records: list[dict], answer_fn: AnswerFn, score_fn: ScoreFn, cfg: Co
                         "gate": cfg.gate, "distill_from": src, "by_risk_category": {}}
     for i, (r, row) in enumerate(zip(records, rows)):
         text, complete = texts[src][i], answers[src][i][1]
-        ok = complete and usable(text)
+        ok = (complete or not cfg.drop_truncated) and usable(text)
         verdict = "unusable" if not ok else "kept" if kept_by_gate[i] else "dropped_by_gate"
         row.update({"answers": {c: texts[c][i] for c in CONDITIONS}, "scores": {c: scores[c][i] for c in CONDITIONS},
                     "gain": scores[src][i] - scores["original"][i], "verdict": verdict})
@@ -237,7 +238,7 @@ def plot_figure16(rows: list[dict], path: Path, distill_from: str = "category") 
 # ----------------------------------------------------------------------------- the recipe
 
 RESUME_KEYS = ["policy", "safety_rm", "prompts", "split", "max_prompts", "preprompts", "answer_templates",
-               "distill_from", "gate", "preprompt_as_system", "temperature", "top_p", "max_new_tokens",
+               "distill_from", "gate", "preprompt_as_system", "drop_truncated", "temperature", "top_p", "max_new_tokens",
                "sft.chat_format", "seed"]
 
 
