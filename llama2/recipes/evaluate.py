@@ -9,7 +9,7 @@
   and the world's graders (the "human" of the built-in world).
 - Safety (§4.4): three simulated raters per answer on a 5-point Likert scale, majority vote,
   violation = rating 1 or 2, inter-rater reliability by Gwet's AC1/AC2; the violation rate per risk
-  category and per attack vector with 95% Wilson intervals (`safety_breakdown`, Figures 17-18).
+  category and per attack vector with 95% Wilson intervals (`safety_breakdown`; Figure 19: by category).
 - False refusal (§4.2.3, Appendix A.4.5): a refusal detector on helpful and on borderline prompts.
 Automatic safety benchmarks in the paper decode with temperature 0.1 and top-p 0.9; we use that
 for every answer so that model comparisons are nearly deterministic.

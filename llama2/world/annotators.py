@@ -275,7 +275,7 @@ def rate_likert(record: dict, response: str, rng: random.Random, config: RaterCo
     return LikertVote(tuple(ratings), vote, vote <= 2)
 
 
-# The prompt fields violations are counted by (§4.4, Figures 17-18: per risk category and attack vector).
+# The prompt fields violations are counted by (§4.4; the paper's Figure 19 breaks them down by risk category).
 BREAKDOWN_FIELDS = ("risk_category", "attack_vector")
 
 
