@@ -22,10 +22,13 @@ RLHF: Table = {
     "best-of-n": ("llama2.recipes.best_of_n:cli", "max/median reward among N samples per temperature (Figures 7, 8)"),
     "ppo": ("llama2.recipes.ppo:cli", "PPO on the safety-gated reward with a KL penalty"),
     "gatt": ("llama2.recipes.gatt:cli", "Ghost Attention (§3.3): keep a system instruction over many turns"),
+    "context-distill": ("llama2.recipes.context_distill:cli",
+                        "safety context distillation (§4.2.4, Figure 16): safety-RM-gated preprompted answers"),
 }
 # `llama2 evaluate multi-turn ...`; `llama2 evaluate key=value ...` (no subcommand) stays the win-rate evaluation
 EVALUATE: Table = {
     "multi-turn": ("llama2.recipes.multi_turn:cli", "does a system instruction hold turn after turn (§3.3, Figure 10)"),
+    "diversity": ("llama2.recipes.diversity:cli", "Self-BLEU vs temperature, factual vs creative prompts (§5.1, Figure 21)"),
 }
 DATA: Table = {
     "validate": ("llama2.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
@@ -56,11 +59,12 @@ COMMANDS: Table = {
     "pretrain": ("llama2.recipes.pretrain:cli", "pretraining (§2): packed sequences, AdamW + cosine, FSDP"),
     "sft": ("llama2.recipes.sft:cli", "supervised fine-tuning (§3.1): answers-only loss, packed dialogs"),
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
-    "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo; gatt (§3.3)"),
+    "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo; gatt (§3.3); context-distill (§4.2.4)"),
     "data": (DATA, "data tools: pretokenize, info, validate"),
     "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
-    "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3)"),
+    "redteam": ("llama2.recipes.redteam:cli", "a red-teaming round (§4.3): automated attackers, Likert raters, γ, mitigated share"),
+    "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3); diversity (§5.1)"),
     "report": ("llama2.report:report_cli", "HTML report of a pipeline run with the paper's plots"),
     "annotate": (ANNOTATE, "preference data (§3.2.1): simulate | serve (human annotation tool) | export"),
     "world": ("llama2.world.generate:world_cli", "the built-in world: llama2 world generate"),
@@ -94,7 +98,7 @@ def dispatch(prog: str, table: Table, argv: list[str]) -> int:
 
 
 def evaluate_cli(argv: list[str]) -> int:
-    """`llama2 evaluate multi-turn ...` is a subcommand; anything else is the win-rate evaluation."""
+    """`llama2 evaluate multi-turn|diversity ...` are subcommands; anything else is the win-rate evaluation."""
     if argv and argv[0] in EVALUATE:
         return dispatch("llama2 evaluate", EVALUATE, argv)
     return int(load_object("llama2.recipes.evaluate:cli", "llama2 evaluate")(argv) or 0)

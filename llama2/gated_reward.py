@@ -56,14 +56,15 @@ class GatedReward:
 
     def __call__(self, records: list[dict], responses: list[str]) -> RewardScores:
         """Score responses to prompt records (`messages` ending with a user turn, `is_safety` flag)."""
-        rh = _prob(self.helpfulness, records, responses)
-        rs = rh if self.safety is self.helpfulness else _prob(self.safety, records, responses)
+        rh = scorer_prob(self.helpfulness, records, responses)
+        rs = rh if self.safety is self.helpfulness else scorer_prob(self.safety, records, responses)
         is_safety = torch.tensor([bool(r.get("is_safety", False)) for r in records])
         used = is_safety | (rs < self.threshold)
         return RewardScores(rh, rs, gated_reward(rs, rh, is_safety, self.threshold), used)
 
 
-def _prob(scorer, records: list[dict], responses: list[str]) -> torch.Tensor:
+def scorer_prob(scorer, records: list[dict], responses: list[str]) -> torch.Tensor:
+    """A scorer's probabilities for responses to prompt records (`prob_records` when it has one)."""
     if hasattr(scorer, "prob_records"):
         return scorer.prob_records(records, responses).float()
     return scorer.prob([r["messages"] for r in records], responses).float()

@@ -9,6 +9,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def recipe_configs():
+    from llama2.recipes.context_distill import ContextDistillConfig
     from llama2.recipes.evaluate import EvaluateConfig
     from llama2.recipes.gatt import GattConfig
     from llama2.pipeline import PipelineConfig
@@ -20,6 +21,7 @@ def recipe_configs():
 
     return {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
             "rlhf/rejection_sampling": RejectionSamplingConfig, "rlhf/ppo": PPOConfig, "rlhf/gatt": GattConfig,
+            "rlhf/context_distill": ContextDistillConfig,
             "evaluate": EvaluateConfig, "pipeline": PipelineConfig}
 
 

@@ -52,3 +52,29 @@ def test_answers_cache_reuses_only_identical_model_prompts_and_decoding(tmp_path
     assert len(calls) == 4
     ev.answer(str(model), records, ev.EvaluateConfig())  # no cache: always sampled
     assert len(calls) == 5
+
+
+def test_safety_breakdown_per_risk_category_and_attack_vector():
+    import random
+
+    from llama2.recipes.evaluate import grader_report, summary_lines
+    from llama2.world.safety import adversarial_prompts, compliant_answer, gold_answer
+    from llama2.world.safety_data import HARMS_BY_KEY
+
+    rng = random.Random(0)
+    records = adversarial_prompts(rng, 42)
+    # compliant (a violation) exactly on perspective attacks, the gold safe answer elsewhere
+    answers = [compliant_answer(rng, HARMS_BY_KEY[r["reference"]["harm"]]) if r["attack_vector"] == "perspective"
+               else gold_answer(r, rng) for r in records]
+    report, _ = grader_report(records, answers)
+    by_vector = report["safety_breakdown"]["by_attack_vector"]
+    assert sum(g["n"] for g in by_vector.values()) == len(records) == report["safety"]["n"]
+    assert by_vector["perspective"]["violation_rate"] > 0.8 > 0.2 > by_vector["direct"]["violation_rate"]
+    for g in by_vector.values():
+        assert g["ci95"][0] <= g["violation_rate"] <= g["ci95"][1]
+    by_cat = report["safety_breakdown"]["by_risk_category"]
+    assert set(by_cat) == {"illicit_criminal", "hateful_harmful", "unqualified_advice"}
+    assert sum(g["violations"] for g in by_cat.values()) == sum(g["violations"] for g in by_vector.values())
+    assert "by" not in report["safety"]
+    result = {"models": {"model": "m"}, "model": report}
+    assert any("violations by attack vector: " in line and "perspective" in line for line in summary_lines(result))

@@ -173,7 +173,7 @@ def test_safety_preprompts():
     assert sum("responsible" in t for t in texts) > 20 and sum("wise" in t for t in texts) > 20
     for category in RISK_CATEGORIES:
         text = S.safety_preprompt(rng, category)
-        assert text.endswith(S._CATEGORY_TEMPLATES[category])
+        assert text.endswith(S.CATEGORY_TEMPLATES[category])
     assert "doctor" in S.safety_preprompt(rng, "unqualified_advice")
     with pytest.raises(ValueError, match="unknown risk category"):
         S.safety_preprompt(rng, "weather")

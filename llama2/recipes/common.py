@@ -41,6 +41,14 @@ def recipe_cli(argv: list[str], cls: type[C], main: Callable[..., int | None], p
     return int(main(cfg, resume=a.resume) or 0)
 
 
+def split_overrides(values: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """A flag with several values (`--prompts A B`) also takes the `key=value` overrides after it:
+    (the values, the overrides among them)."""
+    if values is None:
+        return None, []
+    return [v for v in values if "=" not in v] or None, [v for v in values if "=" in v]
+
+
 def model_args(preset_name: str, overrides: dict) -> ModelArgs:
     try:
         return preset(preset_name, **overrides)
