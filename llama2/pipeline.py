@@ -8,9 +8,13 @@ built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…
     -> rejection sampling from the latest model, pooling earlier versions' best answers from
        `pool_from_version` on (§3.2.3: from V3)
     -> from `ppo_from_version` on, PPO on top of the rejection-sampling checkpoint (as from V4 in the paper)
+    -> in version `context_distill_after_version`, safety context distillation of that version's
+       model, gated by its safety reward model (§4.2.4)
     -> in version `gatt_after_version`, Ghost Attention on that version's model (§3.3: after RLHF V3)
        and the multi-turn evaluation of instruction adherence, with and without it
     -> evaluation against the SFT model (§3.4)
+-> with `redteam`, two red-teaming rounds (§4.3): against the SFT model, then against the final
+   model with the first round's violating prompts (the share it now mitigates)
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
 -> summary.json and report.html.
 
@@ -36,7 +40,8 @@ import yaml
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
-from llama2.recipes import gatt, multi_turn, ppo, pretrain, rejection_sampling, reward_model, reward_scaling, sft
+from llama2.recipes import (context_distill, gatt, multi_turn, ppo, pretrain, redteam, rejection_sampling, reward_model,
+                            reward_scaling, sft)
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
@@ -66,6 +71,10 @@ class PipelineConfig:
     # Ghost Attention on this version's RLHF model (§3.3: after RLHF V3), then the multi-turn
     # evaluation of the GAtt model against the model before it; later versions start from it. 0 = never.
     gatt_after_version: int = 0
+    # Safety context distillation (§4.2.4) of this version's RLHF model, gated by its safety RM; later
+    # versions start from it. 0 = never.
+    context_distill_after_version: int = 0
+    redteam: bool = False  # two red-teaming rounds (§4.3): the SFT model, then the final model
     # Rejection sampling pools the best answers of every earlier version from this version on
     # (§3.2.3: "up to RLHF V3 [...] only from the samples collected from the previous iteration";
     # from V3 on, all earlier iterations' top samples). 0 = never.
@@ -94,6 +103,8 @@ class PipelineConfig:
     rejection_sampling: dict = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)
     gatt: dict = field(default_factory=dict)  # llama2 rlhf gatt's options (configs/rlhf/gatt_tiny.yaml)
+    context_distill: dict = field(default_factory=dict)  # llama2 rlhf context-distill's options
+    redteam_options: dict = field(default_factory=dict)  # llama2 redteam's options (per_seed, attack_vectors, ...)
     multi_turn: dict = field(default_factory=dict)  # llama2 evaluate multi-turn's options
     evaluate: dict = field(default_factory=dict)
     seed: int = 0
@@ -109,9 +120,13 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
         names += [f"v{v}.annotate", f"v{v}.reward", f"v{v}.rejection_sampling"]
         if cfg.ppo_from_version and v >= cfg.ppo_from_version:
             names.append(f"v{v}.ppo")
+        if v == cfg.context_distill_after_version:
+            names.append(f"v{v}.context_distill")
         if v == cfg.gatt_after_version:
             names += [f"v{v}.gatt", f"v{v}.multi_turn"]
         names.append(f"v{v}.eval")
+    if cfg.redteam:
+        names.append("redteam")
     if cfg.control:
         names += ["control", "control.eval"]
     return names + ["summary"]
@@ -178,12 +193,17 @@ def check(cfg: PipelineConfig) -> None:
     """Everything that can be checked before work starts: stage configs and the files they name."""
     if cfg.versions < 1:
         raise ConfigError("versions: at least one RLHF version is needed")
+    if not 0 <= cfg.context_distill_after_version <= cfg.versions:
+        raise ConfigError(f"context_distill_after_version: {cfg.context_distill_after_version} is not one of the "
+                          f"versions 1..{cfg.versions} (0 = no context distillation)")
     if not 0 <= cfg.gatt_after_version <= cfg.versions:
         raise ConfigError(f"gatt_after_version: {cfg.gatt_after_version} is not one of the versions 1..{cfg.versions} "
                           f"(0 = no Ghost Attention)")
     for name, cls in [("pretrain", pretrain.PretrainConfig), ("sft", sft.SFTConfig), ("reward", reward_model.RewardConfig),
                       ("rejection_sampling", rejection_sampling.RejectionSamplingConfig), ("ppo", ppo.PPOConfig),
-                      ("gatt", gatt.GattConfig), ("multi_turn", multi_turn.MultiTurnConfig), ("evaluate", EvaluateConfig)]:
+                      ("gatt", gatt.GattConfig), ("multi_turn", multi_turn.MultiTurnConfig),
+                      ("context_distill", context_distill.ContextDistillConfig),
+                      ("redteam_options", redteam.RedteamConfig), ("evaluate", EvaluateConfig)]:
         from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
     for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
                 "extra_preferences"):
@@ -397,6 +417,30 @@ def stage_gatt(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: s
     return {"model": str(model), "steps": steps, "stats": stats}
 
 
+def stage_context_distill(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: str, rms: dict) -> dict:
+    """Safety context distillation (§4.2.4) of `policy` on the run's adversarial prompts, each distilled
+    answer kept only where version `version`'s safety RM scores it above the answer without the preprompt."""
+    over = dict(cfg.context_distill)
+    if "sft" in over:
+        over["sft"] = with_pretrain_tokens(run, over["sft"])
+    cc = from_dict(context_distill.ContextDistillConfig,
+                   {**over, "seed": derive_seed(cfg.seed, version), "device": cfg.device}, "pipeline.context_distill")
+    model = context_distill.run(policy, run.files(cfg.prompts, "prompts/train.jsonl"), out, cc, rms["safety"])
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+    steps = sum(1 for _ in open(out / "sft" / "metrics.jsonl")) if (out / "sft" / "metrics.jsonl").is_file() else 0
+    return {"model": str(model), "steps": steps, "stats": stats}
+
+
+def stage_redteam(run: Run, cfg: PipelineConfig, out: Path, sft_model: str, final: str) -> dict:
+    """Two red-teaming rounds (§4.3): the SFT model, then the final model, which is also asked the
+    first round's violating prompts (the share it now mitigates; the paper: 90%)."""
+    rc = from_dict(redteam.RedteamConfig, {**cfg.redteam_options, "seed": cfg.seed}, "pipeline.redteam_options")
+    first = redteam.run(sft_model, out / "round1", rc, round_=1)
+    second = redteam.run(final, out / "round2", rc, [str(out / "round1" / "violations.jsonl")], round_=2)
+    return {"round1": str(out / "round1" / "redteam.json"), "round2": str(out / "round2" / "redteam.json"),
+            "gamma": [first.get("gamma"), second.get("gamma")]}
+
+
 def stage_multi_turn(run: Run, cfg: PipelineConfig, out: Path, model: str, baseline: str) -> dict:
     """Instruction adherence turn by turn (Appendix A.3.5, Figure 10), with and without GAtt."""
     mc = from_dict(multi_turn.MultiTurnConfig,
@@ -489,7 +533,7 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
     if stage == "control":
         # as many more optimizer steps of SFT data as the RLHF stages took, from the SFT model
         extra = sum(run.state["done"][s].get("steps", 0) for s in run.state["done"]
-                    if s.endswith((".rejection_sampling", ".ppo", ".gatt")))
+                    if s.endswith((".rejection_sampling", ".ppo", ".context_distill", ".gatt")))
         sft_steps = max(1, run.state["done"]["sft"].get("steps", 1))
         epochs = from_dict(sft.SFTConfig, cfg.sft, "pipeline.sft").epochs
         return {**stage_sft(run, cfg, out, resume, sft_model, {"epochs": epochs * extra / sft_steps}),
@@ -497,6 +541,8 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
     if stage == "control.eval":
         final = run.output(f"v{cfg.versions}.eval", "model_path")
         return stage_eval(run, cfg, out, final, [run.output("control"), sft_model], _rms(run, cfg.versions))
+    if stage == "redteam":
+        return stage_redteam(run, cfg, out, sft_model, run.output(f"v{cfg.versions}.eval", "model_path"))
     if stage == "summary":
         summary = summarize(run, cfg)
         (run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -514,6 +560,8 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         return stage_rejection_sampling(run, cfg, out, resume, v, latest, _rms(run, v))
     if step == "ppo":
         return stage_ppo(run, cfg, out, resume, v, run.output(f"v{v}.rejection_sampling"), _rms(run, v))
+    if step == "context_distill":
+        return stage_context_distill(run, cfg, out, v, _trained_policy(run, v), _rms(run, v))
     if step == "gatt":
         return stage_gatt(run, cfg, out, v, _trained_policy(run, v))
     if step == "multi_turn":
@@ -531,7 +579,9 @@ def _rms(run: Run, version: int) -> dict:
 def _trained_policy(run: Run, version: int, gatt: bool = True) -> str:
     """Version `version`'s newest model so far: GAtt's (unless `gatt` is false), PPO's, or rejection
     sampling's."""
-    for stage in ((f"v{version}.gatt",) if gatt else ()) + (f"v{version}.ppo", f"v{version}.rejection_sampling"):
+    stages = ((f"v{version}.gatt",) if gatt else ()) + (f"v{version}.context_distill", f"v{version}.ppo",
+                                                          f"v{version}.rejection_sampling")
+    for stage in stages:
         if run.done(stage):
             return run.output(stage)
     raise ConfigError(f"version {version} has no trained model yet")

@@ -324,8 +324,44 @@ def multi_turn_section(run: Path) -> str:
              _table(rows, ["turn"] + [f"{labels[n]} ({html.escape(Path(result['paths'][n]).parent.parent.name)})"
                                       for n in names])]
     for name in ("adherence.png", "attention.png"):
-        if (d / name).is_file():
-            parts.append(f"<img src='data:image/png;base64,{base64.b64encode((d / name).read_bytes()).decode()}'>")
+        parts.append(_img_file(d / name))
+    return "".join(parts)
+
+
+def _img_file(path: Path) -> str:
+    return f"<img src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>" if path.is_file() else ""
+
+
+def safety_sections(run: Path) -> str:
+    """Context distillation (§4.2.4, Figure 16) and the red-teaming rounds (§4.3), where the run has them."""
+    parts = []
+    for stats_file in sorted(run.glob("v*/context_distill/stats.json")):
+        st = json.loads(stats_file.read_text())
+        rows = [[c, v.get("kept"), v.get("dropped_by_gate"), v.get("unusable")]
+                for c, v in sorted(st.get("by_risk_category", {}).items())]
+        mean = st.get("mean_score", {})
+        parts.append(f"<h2>Safety context distillation ({html.escape(stats_file.parent.parent.name)}, Figure 16)</h2>"
+                     f"<p>kept {st.get('kept')} of {st.get('prompts')} distilled answers ({st.get('dropped_by_gate')} "
+                     f"dropped by the safety-RM gate, {st.get('unusable')} unusable); mean safety RM score: "
+                     + ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in mean.items()) + "</p>"
+                     + _table(rows, ["risk category", "kept", "dropped by the gate", "unusable"])
+                     + _img_file(stats_file.parent / "figure16.png"))
+    rounds = [_json(p) for p in sorted(run.glob("redteam/round*/redteam.json"))]
+    if rounds:
+        rows = []
+        for r in rounds:
+            prev = r.get("previous_violations")
+            rows.append([r["round"], Path(r["model"]).parent.name + "/" + Path(r["model"]).name, r["attempts"],
+                         r["violating"], f"{r['gamma']:.1f}",
+                         f"{prev['mitigated']}/{prev['prompts']} = {prev['share']:.2f} "
+                         f"[{prev['ci95'][0]:.2f}, {prev['ci95'][1]:.2f}]" if prev else "—"])
+        by_cat = sorted({k for r in rounds for k in r.get("by_risk_category", {})})
+        cat_rows = [[c] + [f"{r['by_risk_category'][c]['gamma']:.1f}" if c in r.get("by_risk_category", {}) else "—"
+                           for r in rounds] for c in by_cat]
+        parts.append("<h2>Red-teaming rounds (§4.3)</h2><p>γ: violating prompts found per 1,000 attempts (the paper: "
+                     "per person-hour); the later round also asks the earlier round's violating prompts.</p>"
+                     + _table(rows, ["round", "model", "attempts", "violating", "γ", "earlier violations mitigated"])
+                     + _table(cat_rows, ["risk category"] + [f"γ, round {r['round']}" for r in rounds]))
     return "".join(parts)
 
 
@@ -366,6 +402,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         if fn is plot_reward_accuracy:
             parts.append(reward_scaling(run))
     parts.append(multi_turn_section(run))
+    parts.append(safety_sections(run))
     side_by_side = examples(run, summary)
     if side_by_side:
         parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)

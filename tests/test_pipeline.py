@@ -263,3 +263,54 @@ def test_ghost_attention_stage_and_multi_turn_evaluation_in_the_pipeline(tmp_pat
     assert result["paths"] == {"model": gatt_model, "baseline": str(tmp_path / "policy")}
     page = write_report(run.root).read_text()
     assert "Ghost Attention: instructions kept turn by turn" in page and "without GAtt" in page
+
+
+def test_context_distillation_and_red_teaming_stages(tmp_path, world_dir, world_tokenizer):
+    """`context_distill_after_version: K` distils version K's model (gated by its safety RM; later
+    stages use the result); `redteam: true` runs two rounds, SFT then the final model, the second also
+    asked the first round's violating prompts; the report shows both."""
+    import shutil
+
+    import torch
+
+    from llama2.checkpoint import save_native
+    from llama2.model import ModelArgs, Transformer
+    from llama2.pipeline import Run, _trained_policy, run_stage
+    from llama2.report import write_report
+
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'run'}", "context_distill_after_version=2",
+                                             "redteam=true"])
+    names = stage_names(cfg)
+    assert names.index("v2.ppo") < names.index("v2.context_distill") < names.index("v2.eval")
+    assert names.index("v2.eval") < names.index("redteam") < names.index("control")
+
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
+                              hidden_dim=128, max_seq_len=256))
+    m.init_weights()
+    policy = str(tmp_path / "policy")
+    save_native(policy, m, tokenizer=world_tokenizer)
+    cfg = load_config(PipelineConfig, TINY, [
+        f"out_dir={tmp_path / 'run'}", "versions=1", "context_distill_after_version=1", "redteam=true",
+        "context_distill.max_prompts=8", "context_distill.max_new_tokens=8", "context_distill.gate=false",
+        "context_distill.drop_truncated=false", "context_distill.sft.seq_len=256", "context_distill.sft.batch_size=4",
+        "context_distill.sft.micro_batch_size=2", "context_distill.sft.ckpt_every=100",
+        "redteam_options.per_seed=1", "redteam_options.max_new_tokens=8", "redteam_options.risk_categories=[illicit_criminal]",
+        "device=cpu"])
+    run = Run(cfg)
+    shutil.copytree(world_dir, run.world)
+    for stage, out in [("sft", {"model": policy}), ("v1.reward", {"helpfulness": "grader", "safety": "grader"}),
+                       ("v1.rejection_sampling", {"model": policy})]:
+        run.finish(stage, out, 0.0)
+    run.finish("v1.context_distill", run_stage(run, cfg, "v1.context_distill", run.stage_dir("v1.context_distill"),
+                                               False), 0.0)
+    distilled = run.output("v1.context_distill")
+    assert Path(distilled).is_dir() and _trained_policy(run, 1) == distilled
+    run.finish("v1.eval", {"model_path": distilled}, 0.0)
+    got = run_stage(run, cfg, "redteam", run.stage_dir("redteam"), False)
+    first, second = (json.loads(Path(got[k]).read_text()) for k in ("round1", "round2"))
+    assert first["model"] == policy and second["model"] == distilled and first["attempts"] == second["attempts"] > 0
+    assert second["previous_violations"]["prompts"] == first["violating_distinct_prompts"] or \
+        second["previous_violations"]["prompts"] == first["violating"]
+    page = write_report(run.root).read_text()
+    assert "Safety context distillation (v1, Figure 16)" in page and "Red-teaming rounds" in page
