@@ -28,7 +28,7 @@ stay float; the output head on request). Quantized models are for inference: the
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
