@@ -8,6 +8,9 @@ so "fp32" means those weights exactly, in fp32). Variants:
 - gguf: the file's own blocks kept quantized (Q4_1 -> int4 exactly, the Q8_0 tied head
   requantized per row to int8): its gap to fp32 is the kernels' bfloat16 activations and the
   head's requantization only, since the weights are the same numbers.
+- a suffix `-fp32act` (e.g. int8-fp32act): the same weights with the product taken in fp32 on the
+  dequantised weight instead of torch's bfloat16-activation kernel: the error of the integers
+  alone, apart from the kernel's rounding.
 
 On held-out text (`--text`, default this repo's docs/design.md, cut into `--windows` windows of
 `--window` tokens), teacher-forced: the per-token log-probability of the actual next token (mean
@@ -36,7 +39,7 @@ from llama2.generation import Decoder, SamplingParams  # noqa: E402
 from llama2.gguf_checkpoint import read_gguf  # noqa: E402
 from llama2.model import Transformer  # noqa: E402
 from llama2.paths import REPO_ROOT, smollm2_gguf  # noqa: E402
-from llama2.quant import describe, quantize_model, quantized_bytes  # noqa: E402
+from llama2.quant import QuantLinear, describe, quantize_model, quantized_bytes  # noqa: E402
 
 
 @torch.no_grad()
@@ -90,12 +93,16 @@ def main() -> None:
     print(f"{'fp32':>9}: perplexity {results['fp32']['perplexity']:.3f} | "
           f"{results['fp32']['mb_per_token']:.0f} MB of weights per token")
     for name in [v for v in a.variants.split(",") if v]:
-        if name == "gguf":
+        base, fp32act = name.removesuffix("-fp32act"), name.endswith("-fp32act")
+        if base == "gguf":
             qk = read_gguf(path, dequantize=False)
             model = build_model(qk.args, qk.state, qk.source)
         else:
-            mode, _, group = name.partition("-g")
+            mode, _, group = base.partition("-g")
             model = quantize_model(build_model(ck.args, ck.state, ck.source), mode, int(group or 32))
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.use_kernel = not fp32act
         lp = token_logprobs(model, windows)
         diff = (lp - ref_lp).abs()
         agree_next = (greedy_next(model, windows) == ref_next).float().mean().item()

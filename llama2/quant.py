@@ -134,6 +134,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(out_features, G, device=device))
             self.register_buffer("mins", torch.empty(out_features, G, device=device))
         self._kernel: tuple | None = None  # the kernel's tensors, made from the buffers at first use
+        self.use_kernel = True  # False: dequantise and multiply in the input's dtype (to measure the kernel's rounding)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -191,6 +192,7 @@ class QuantLinear(nn.Module):
         for name in QUANT_SUFFIXES:
             if hasattr(first, name):
                 setattr(out, name, torch.cat([getattr(m, name) for m in mods]))
+        out.use_kernel = all(m.use_kernel for m in mods)
         return out
 
     # maths
@@ -227,7 +229,8 @@ class QuantLinear(nn.Module):
 
     def uses_kernel(self) -> bool:
         """Whether forward runs torch's int8/int4 kernel here (else: dequantise, then F.linear)."""
-        return self.weight_q.device.type == "cpu" and (INT8_KERNEL if self.mode == "int8" else INT4_KERNEL)
+        return (self.use_kernel and self.weight_q.device.type == "cpu"
+                and (INT8_KERNEL if self.mode == "int8" else INT4_KERNEL))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel():
