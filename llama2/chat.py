@@ -27,6 +27,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="chat format: the model's own template if it has one (auto), or Llama 2's")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dequantize", action="store_true",
+                   help="load quantized weights (a quantized native checkpoint, a Q8_0/Q4_0/Q4_1 GGUF) as float "
+                        "of --dtype instead of keeping them int8/int4")
 
 
 def sampling_params(a, fmt: ChatFormat | None, tok) -> SamplingParams:
@@ -73,7 +76,7 @@ def generate_cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.greedy:
         a.temperature = 0.0
-    model, tok = load_for_inference(a.model, a.device, a.dtype)
+    model, tok = load_for_inference(a.model, a.device, a.dtype, a.dequantize)
     fmt = None
     if a.chat:
         fmt = ChatFormat(tok, a.format)
@@ -117,7 +120,7 @@ def cli(argv: list[str]) -> int:
     add_sampling_args(p)
     p.add_argument("--system", help="system message for the whole conversation")
     a = p.parse_args(argv)
-    model, tok = load_for_inference(a.model, a.device, a.dtype)
+    model, tok = load_for_inference(a.model, a.device, a.dtype, a.dequantize)
     fmt = ChatFormat(tok, a.format)
     gen = Decoder(model, tok)
     params = sampling_params(a, fmt, tok)

@@ -27,6 +27,7 @@ from llama2.gguf_checkpoint import read_gguf
 from llama2.hf_checkpoint import read_hf
 from llama2.meta_checkpoint import read_meta
 from llama2.model import ModelArgs, Transformer
+from llama2.quant import describe, dequantize_state, expected_quantized_shapes, install, is_quant_tensor
 
 NATIVE_CONFIG = "model.json"
 NATIVE_WEIGHTS = "model.safetensors"
@@ -84,8 +85,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(args: ModelArgs, state: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse missing, unexpected and mis-shaped tensors, naming them."""
-    expected = expected_shapes(args)
+    """Refuse missing, unexpected and mis-shaped tensors, naming them. A projection may be held
+    quantized (`<name>.weight_q`, `.scales`, `.mins`: llama2.quant) instead of as `<name>.weight`."""
+    expected = expected_quantized_shapes(expected_shapes(args), state, args.tie_embeddings)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -105,30 +107,49 @@ def check_state_dict(args: ModelArgs, state: dict[str, torch.Tensor], source: st
 
 
 def build_model(
-    args: ModelArgs, state: dict[str, torch.Tensor], source: str, device="cpu", dtype=torch.float32
+    args: ModelArgs, state: dict[str, torch.Tensor], source: str, device="cpu", dtype=torch.float32,
+    dequantize: bool = False,
 ) -> Transformer:
-    """Build on the meta device and materialise by assigning the loaded tensors (no double allocation)."""
+    """Build on the meta device and materialise by assigning the loaded tensors (no double allocation).
+
+    Projections the state dict holds quantized become `llama2.quant.QuantLinear`s (their integers
+    and scales kept as stored; `dtype` applies to the float tensors), or with `dequantize` float
+    layers of `dtype` again."""
     check_state_dict(args, state, source)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    if args.tie_embeddings:
+    if dequantize:
+        state = dequantize_state(state, args.tie_embeddings)
+    state = {k: v.to(device=device) if is_quant_tensor(k, state) else v.to(device=device, dtype=dtype)
+             for k, v in state.items()}
+    if args.tie_embeddings and "output.weight_q" not in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(args)
+    install(model, state)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     return model.eval()
 
 
-def read_checkpoint(path: str | Path) -> Loaded:
-    """Read any supported checkpoint into (args, Meta-named state dict, tokenizer location)."""
+def read_checkpoint(path: str | Path, quantized: bool = False) -> Loaded:
+    """Read any supported checkpoint into (args, Meta-named state dict, tokenizer location).
+
+    `quantized`: a GGUF's Q8_0/Q4_0/Q4_1 projections are read as integers and scales (llama2.quant)
+    instead of dequantised to fp32. A native checkpoint holds what was saved either way."""
     fmt = detect_format(path)
-    return {"native": read_native, "hf": read_hf, "meta": read_meta, "gguf": read_gguf}[fmt](Path(path))
+    if fmt == "gguf":
+        return read_gguf(Path(path), dequantize=not quantized)
+    return {"native": read_native, "hf": read_hf, "meta": read_meta}[fmt](Path(path))
 
 
-def load_model(path: str | Path, device="cpu", dtype=torch.float32, with_tokenizer: bool = True):
-    """(model, tokenizer) from any supported checkpoint; the tokenizer is None when absent."""
-    ck = read_checkpoint(path)
-    model = build_model(ck.args, ck.state, ck.source, device, dtype)
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, with_tokenizer: bool = True,
+               dequantize: bool = True):
+    """(model, tokenizer) from any supported checkpoint; the tokenizer is None when absent.
+
+    `dequantize` (the default): every weight is float, as training and conversion want. Off, the
+    quantized projections of a native checkpoint stay `QuantLinear`s, and a GGUF's Q8_0/Q4_0/Q4_1
+    projections are loaded as such (see `read_gguf`; other quantized types are refused by name)."""
+    ck = read_checkpoint(path, quantized=not dequantize)
+    model = build_model(ck.args, ck.state, ck.source, device, dtype, dequantize=dequantize)
     return model, (ck.tokenizer() if with_tokenizer else None)
 
 
@@ -143,17 +164,23 @@ def save_native(
     meta: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a native checkpoint directory atomically (temp dir, then rename)."""
+    """Write a native checkpoint directory atomically (temp dir, then rename).
+
+    A quantized model's integers and scales are written as they are (`dtype` casts only the float
+    weights), and model.json records what is quantized under "quantization"."""
     out_dir = Path(out_dir)
     if isinstance(model, Transformer):
         args, state = model.args, model.state_dict()
+        quantization = describe(model)
+        if quantization is not None:
+            meta = {**(meta or {}), "quantization": quantization}
     else:
         state = model
         if args is None:
             raise ValueError("save_native needs ModelArgs when given a state dict")
     state = unique_tensors(state, args)
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v if is_quant_tensor(k, state) else v.to(dtype) for k, v in state.items()}
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp / NATIVE_WEIGHTS), metadata={"format": "pt"})
         config = {"format": "llama2", "version": 1, "model": args.to_dict(), **(meta or {})}

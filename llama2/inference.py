@@ -42,15 +42,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) ready for generation; refuses a checkpoint without a tokenizer."""
+def load_for_inference(model: str | None, device: str = "auto", dtype: str = "auto",
+                       dequantize: bool = False) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) ready for generation; refuses a checkpoint without a tokenizer.
+
+    Quantized weights stay quantized (llama2.quant): a quantized native checkpoint's, and a GGUF's
+    Q8_0/Q4_0/Q4_1 projections (a GGUF of another quantized type is refused, naming the tensor).
+    `dequantize` loads every weight as float of `dtype` instead (the CLI's --dequantize). The
+    bundled default model is the fp32 conversion in the cache either way."""
     path = Path(model) if model else default_model()
     dev = pick_device(device)
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:
         dt = getattr(torch, dtype)
-    net, tok = load_model(path, device=dev, dtype=dt)
+    net, tok = load_model(path, device=dev, dtype=dt, dequantize=dequantize)
     if tok is None:
         raise ValueError(f"{path}: the checkpoint has no tokenizer (tokenizer.model / tokenizer.json)")
     return net, tok

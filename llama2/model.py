@@ -270,7 +270,8 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.args.tie_embeddings:
+        # A quantized head (llama2.quant) keeps its own integer copy of the embedding matrix.
+        if self.args.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()

@@ -4,14 +4,41 @@ It repeats the block maths of `llama2.model` on fused, re-laid-out weights, so i
 model (rotary embeddings, the attention mask, the KV cache) and `llama2.cpu_kernels` (`linear`).
 It lives apart from both so that dependencies go one way: model -> cpu_kernels, and this module
 -> model and cpu_kernels; `llama2.generation` uses it.
+
+Quantized projections (`llama2.quant.QuantLinear`) are fused the same way, by concatenating their
+integer rows and scales; the packed copy then holds quantized weights too.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llama2.cpu_kernels import linear
 from llama2.model import KVCache, Transformer, apply_rope, attention_mask, rope_frequencies
+from llama2.quant import QuantLinear
+
+# A projection of the packed copy: a float weight (seen as (out, in), stored (in, out)), or modules
+# called in turn (quantized: one fused QuantLinear, or several when their modes differ).
+Projection = torch.Tensor | tuple[nn.Module, ...]
+
+
+def _fuse(mods: list[nn.Module]) -> Projection:
+    """One projection computing the outputs of `mods` end to end."""
+    if all(isinstance(m, nn.Linear) for m in mods):
+        return torch.cat([m.weight for m in mods]).detach().t().contiguous().t()
+    if all(isinstance(m, QuantLinear) for m in mods):
+        try:
+            return (QuantLinear.cat(mods),)
+        except ValueError:
+            pass
+    return tuple(mods)
+
+
+def _project(x: torch.Tensor, w: Projection) -> torch.Tensor:
+    if isinstance(w, torch.Tensor):
+        return linear(x, w)
+    return w[0](x) if len(w) == 1 else torch.cat([m(x) for m in w], dim=-1)
 
 
 class PackedModel:
@@ -33,15 +60,15 @@ class PackedModel:
                 at, ff = layer.attention, layer.feed_forward
                 self.layers.append((
                     layer.attention_norm.weight.detach(),
-                    torch.cat([at.wq.weight, at.wk.weight, at.wv.weight]).t().contiguous().t(),  # (q+k+v, dim)
-                    at.wo.weight.t().contiguous().t(),
+                    _fuse([at.wq, at.wk, at.wv]),  # (q+k+v, dim)
+                    _fuse([at.wo]),
                     layer.ffn_norm.weight.detach(),
-                    torch.cat([ff.w1.weight, ff.w3.weight]).t().contiguous().t(),  # (2*hidden, dim)
-                    ff.w2.weight.t().contiguous().t(),
+                    _fuse([ff.w1, ff.w3]),  # (2*hidden, dim)
+                    _fuse([ff.w2]),
                 ))
             self.tok_embeddings = model.tok_embeddings.weight.detach()
             self.norm = model.norm.weight.detach()
-            self.output = model.output.weight.t().contiguous().t()  # (vocab, dim), stored (dim, vocab)
+            self.output = _fuse([model.output])  # (vocab, dim), stored (dim, vocab)
 
     def _norm(self, x, w):
         return F.rms_norm(x, (x.shape[-1],), w, eps=self.args.norm_eps)
@@ -56,7 +83,7 @@ class PackedModel:
         mask = attention_mask(T, cache=cache, device=tokens.device)  # (B, 1, T, S)
         x = self.tok_embeddings[tokens]  # (B, T, dim)
         for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(self.layers):
-            q, k, v = linear(self._norm(x, n1), wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = _project(self._norm(x, n1), wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
             q, k = apply_rope(q.reshape(B, T, nq, hd), fc), apply_rope(k.reshape(B, T, nkv, hd), fc)  # in x's dtype
             cache.k[i][:, :, start:S] = k.transpose(1, 2)
             cache.v[i][:, :, start:S] = v.view(B, T, nkv, hd).transpose(1, 2)
@@ -66,10 +93,10 @@ class PackedModel:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                                  enable_gqa=nq != nkv)
             out = out.transpose(1, 2).reshape(B, T, nq * hd)
-            x = x + linear(out, wo)
-            gate, up = linear(self._norm(x, n2), w13).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w2)
+            x = x + _project(out, wo)
+            gate, up = _project(self._norm(x, n2), w13).chunk(2, dim=-1)
+            x = x + _project(F.silu(gate) * up, w2)
         cache.length = S
         if last_only:
             x = x[:, -1:]
-        return linear(self._norm(x, self.norm), self.output).float()
+        return _project(self._norm(x, self.norm), self.output).float()

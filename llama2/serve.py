@@ -693,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers scoring below this (the RM's sigmoid, or the classifier's score) are refused")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dequantize", action="store_true",
+                   help="load quantized weights as float of --dtype instead of keeping them int8/int4")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -710,7 +712,7 @@ def cli(argv: list[str]) -> int:
     for name in ("max_concurrent", "max_batch", "max_tokens_limit", "max_request_bytes"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    model, tok = load_for_inference(a.model, a.device, a.dtype)
+    model, tok = load_for_inference(a.model, a.device, a.dtype, a.dequantize)
     fmt = ChatFormat(tok, a.format)
     safety = None
     if a.safety_rm:
