@@ -3,7 +3,6 @@ checkpoints, GGUF Q8_0/Q4_0/Q4_1 tensors loaded quantized, and the float fallbac
 import copy
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

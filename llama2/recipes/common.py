@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 import torch
 import yaml
 
-from llama2.config import ConfigError, load_config, to_dict
+from llama2.config import ConfigError, load_config, save_config, to_dict
 from llama2.distributed import Dist, apply_fsdp
 from llama2.model import ModelArgs, Transformer, preset
 from llama2.train import keep_freed_memory
@@ -137,3 +137,27 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def open_run(out: Path, cfg, resume: bool, resume_keys, what: str) -> None:
+    """A recipe's run directory: with `resume`, the saved config must agree with `cfg` on
+    `resume_keys`; without, `out` must not already hold a run. Then `cfg` is saved there."""
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"--resume: no {what} run in {out} (no config.yaml)")
+        saved = load_config(type(cfg), out / "config.yaml")
+        check_resume_compatible(config_dict(saved), config_dict(cfg), resume_keys, out / "config.yaml")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"out_dir: {out} already holds a run; add --resume to continue it, or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
+def link_final(out: Path, target: Path) -> Path:
+    """RUN/final -> `target` (a checkpoint inside `out`), replaced atomically."""
+    link, tmp = out / "final", out / ".final.tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(Path(target).relative_to(out), tmp)
+    os.replace(tmp, link)
+    return link

@@ -29,7 +29,6 @@ The paper's recipe, step by step (RUN = out_dir):
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from collections.abc import Callable
@@ -38,16 +37,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
 
-from llama2.checkpoint import detect_format, read_checkpoint
-from llama2.config import ConfigError, load_config, save_config
+from llama2.config import ConfigError
 from llama2.formats import read_records
 from llama2.gated_reward import load_scorer, scorer_prob
 from llama2.inference import load_for_inference
-from llama2.recipes.common import check_resume_compatible, config_dict, recipe_cli, write_atomic, write_jsonl_atomic
+from llama2.recipes.common import open_run, recipe_cli, write_atomic, write_jsonl_atomic
 from llama2.recipes.gatt import context_check, model_answer_fn, usable
-from llama2.recipes.rejection_sampling import fitting_batch
+from llama2.recipes.rejection_sampling import fine_tune_on
 from llama2.recipes.sft import SFTConfig
-from llama2.recipes.sft import main as sft_main
 from llama2.sampling import DialogSampler
 from llama2.train import derive_seed
 from llama2.world.safety import CATEGORY_TEMPLATES, safety_preprompt
@@ -317,32 +314,10 @@ def make_data(cfg: ContextDistillConfig, out: Path) -> dict:
 def main(cfg: ContextDistillConfig, resume: bool = False) -> int:
     check_config(cfg)
     out = Path(cfg.out_dir)
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"--resume: no context-distillation run in {out} (no config.yaml)")
-        saved = load_config(ContextDistillConfig, out / "config.yaml")
-        check_resume_compatible(config_dict(saved), config_dict(cfg), RESUME_KEYS, out / "config.yaml")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"out_dir: {out} already holds a run; add --resume to continue it, or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
+    open_run(out, cfg, resume, RESUME_KEYS, "context-distillation")
     make_data(cfg, out)
-    final = out / "sft" / "final"
-    if not final.is_dir():  # written atomically at the very end of the SFT recipe
-        ck = read_checkpoint(cfg.policy)
-        sft_cfg = fitting_batch(replace(cfg.sft, model=cfg.policy, train_data=[str(out / "data" / "distill.jsonl")],
-                                        out_dir=str(out / "sft")), ck.tokenizer(), ck.args.max_seq_len, 1)
-        del ck
-        sft_resume = any((out / "sft" / "checkpoints").glob("step-*/train_state.json"))
-        say(f"fine-tuning {cfg.policy} on {out / 'data' / 'distill.jsonl'}" + (" (resuming)" if sft_resume else ""))
-        sft_main(sft_cfg, resume=sft_resume)
-    detect_format(final)
-    link, tmp = out / "final", out / ".final.tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    os.symlink(final.relative_to(out), tmp)
-    os.replace(tmp, link)
+    final = fine_tune_on(cfg.policy, cfg.sft, out / "data" / "distill.jsonl", out, "context-distill")
+    link = out / "final"
     print(f"[context-distill] done: {link} -> {final}; Figure 16: {out / 'figure16.png'}", flush=True)
     return 0
 

@@ -20,7 +20,6 @@ The multi-turn evaluation is `llama2 evaluate multi-turn` (llama2/recipes/multi_
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -29,13 +28,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llama2.chat_format import SPECIAL_TAGS
-from llama2.checkpoint import detect_format, read_checkpoint
-from llama2.config import ConfigError, load_config, load_object, save_config
+from llama2.config import ConfigError, load_object
 from llama2.inference import load_for_inference
-from llama2.recipes.common import check_resume_compatible, config_dict, recipe_cli
-from llama2.recipes.rejection_sampling import fitting_batch, write_atomic, write_jsonl_atomic
+from llama2.recipes.common import open_run, recipe_cli, write_atomic, write_jsonl_atomic
+from llama2.recipes.rejection_sampling import fine_tune_on
 from llama2.recipes.sft import SFTConfig, load_dialogs
-from llama2.recipes.sft import main as sft_main
 from llama2.sampling import DialogSampler
 from llama2.train import derive_seed
 from llama2.world import gatt as world_gatt
@@ -423,32 +420,10 @@ def make_data(cfg: GattConfig, out: Path) -> dict:
 def main(cfg: GattConfig, resume: bool = False) -> int:
     check_config(cfg)
     out = Path(cfg.out_dir)
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"--resume: no GAtt run in {out} (no config.yaml)")
-        saved = load_config(GattConfig, out / "config.yaml")
-        check_resume_compatible(config_dict(saved), config_dict(cfg), RESUME_KEYS, out / "config.yaml")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"out_dir: {out} already holds a run; add --resume to continue it, or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
+    open_run(out, cfg, resume, RESUME_KEYS, "GAtt")
     make_data(cfg, out)
-    final = out / "sft" / "final"
-    if not final.is_dir():  # written atomically at the very end of the SFT recipe
-        ck = read_checkpoint(cfg.policy)
-        sft_cfg = fitting_batch(replace(cfg.sft, model=cfg.policy, train_data=[str(out / "data" / "gatt.jsonl")],
-                                        out_dir=str(out / "sft")), ck.tokenizer(), ck.args.max_seq_len, 1)
-        del ck
-        sft_resume = any((out / "sft" / "checkpoints").glob("step-*/train_state.json"))
-        say(f"fine-tuning {cfg.policy} on {out / 'data' / 'gatt.jsonl'}" + (" (resuming)" if sft_resume else ""))
-        sft_main(sft_cfg, resume=sft_resume)
-    detect_format(final)
-    link, tmp = out / "final", out / ".final.tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    os.symlink(final.relative_to(out), tmp)
-    os.replace(tmp, link)
+    final = fine_tune_on(cfg.policy, cfg.sft, out / "data" / "gatt.jsonl", out, "gatt")
+    link = out / "final"
     print(f"[gatt] done: {link} -> {final}  (evaluate it: llama2 evaluate multi-turn --model {link} "
           f"--baseline {cfg.policy})", flush=True)
     return 0

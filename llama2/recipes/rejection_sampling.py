@@ -48,14 +48,14 @@ from tqdm import tqdm
 
 from llama2 import progress_bars
 from llama2.chat_format import SPECIAL_TAGS, ChatFormat
-from llama2.checkpoint import detect_format
-from llama2.config import ConfigError, load_config, save_config
+from llama2.checkpoint import detect_format, read_checkpoint
+from llama2.config import ConfigError
 from llama2.dialog_data import DialogLoader, tokenize_dialogs
 from llama2.formats import AXES, read_records
 from llama2.gated_reward import check_reward_axes, load_gated_reward
 from llama2.inference import load_for_inference
 from llama2.recipes.best_of_n import best_of_n, load_prompt_records, plot_best_of_n, write_result
-from llama2.recipes.common import (check_resume_compatible, config_dict, kill_hook, recipe_cli, write_atomic,
+from llama2.recipes.common import (kill_hook, link_final, open_run, recipe_cli, write_atomic,
                                    write_jsonl_atomic)
 from llama2.recipes.sft import SFTConfig, load_dialogs
 from llama2.recipes.sft import main as sft_main
@@ -230,6 +230,25 @@ def fitting_batch(sft: SFTConfig, tokenizer, max_seq_len: int, iteration: int) -
     say(f"iteration {iteration}: the {len(examples)} selected answers fill {rows} rows of {T} tokens, fewer than "
         f"sft.batch_size={sft.batch_size}: fine-tuning with batches of {batch}")
     return replace(sft, batch_size=batch, micro_batch_size=batch // world)
+
+
+def fine_tune_on(policy: str, sft: SFTConfig, data: Path, out: Path, what: str) -> Path:
+    """Fine-tune `policy` on the SFT dialogs in `data` with the SFT recipe into OUT/sft (resumed from
+    its checkpoints when a run was interrupted), as GAtt and context distillation do; OUT/final then
+    points at the result. Returns OUT/sft/final."""
+    final = out / "sft" / "final"
+    if not final.is_dir():  # written atomically at the very end of the SFT recipe
+        ck = read_checkpoint(policy)
+        sft_cfg = fitting_batch(replace(sft, model=policy, train_data=[str(data)], out_dir=str(out / "sft")),
+                                ck.tokenizer(), ck.args.max_seq_len, 1)
+        del ck
+        resume = any((out / "sft" / "checkpoints").glob("step-*/train_state.json"))
+        print(f"[{what}] fine-tuning {policy} on {data}" + (" (resuming)" if resume else ""), file=sys.stderr,
+              flush=True)
+        sft_main(sft_cfg, resume=resume)
+    detect_format(final)
+    link_final(out, final)
+    return final
 
 
 def sft_record(entry: dict) -> dict:
@@ -465,15 +484,7 @@ def iteration_stats(cfg: RejectionSamplingConfig, it: int, policy: str, start: s
 def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     check_config(cfg)
     out = Path(cfg.out_dir)
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"--resume: no rejection-sampling run in {out} (no config.yaml)")
-        saved = load_config(RejectionSamplingConfig, out / "config.yaml")
-        check_resume_compatible(config_dict(saved), config_dict(cfg), RESUME_KEYS, out / "config.yaml")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"out_dir: {out} already holds a run; add --resume to continue it, or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    open_run(out, cfg, resume, RESUME_KEYS, "rejection-sampling")
 
     records = load_prompt_records(cfg.prompts, cfg.split, cfg.max_prompts, cfg.seed, "prompts", cfg.reward_axes)
     reward = load_gated_reward(cfg.helpfulness_rm, cfg.safety_rm, cfg.safety_threshold, cfg.reward_batch_size,
@@ -533,12 +544,7 @@ def main(cfg: RejectionSamplingConfig, resume: bool = False) -> int:
     # ---- all iterations: one stats file, and RUN/final -> the last checkpoint
     history = [json.loads((out / f"iter-{j}" / "stats.json").read_text()) for j in range(1, cfg.iterations + 1)]
     write_atomic(out / "stats.json", json.dumps(history, indent=1) + "\n")
-    link = out / "final"
-    tmp = out / ".final.tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    os.symlink(Path(policy).relative_to(out), tmp)
-    os.replace(tmp, link)
+    link = link_final(out, Path(policy))
     print(f"[rs] done: {link} -> {policy}  (chat with it: llama2 chat --model {link})", flush=True)
     return 0
 
