@@ -16,6 +16,27 @@ import torch
 torch.set_num_threads(THREADS)
 
 
+def chromium(height: int = 2000):
+    """A headless Chromium driven by selenium (Debian's chromium + chromium-driver, `make browser`):
+    skipped with the reason where they are absent, a failure under CI, which must have them."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium and chromium-driver (make browser installs them)")
+        pytest.skip("no chromium/chromedriver here (`make browser` installs Debian's)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size=1280,{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
 def check_reference(path: Path, got: dict) -> dict:
     """The values stored at `path` (step -> value, or step -> {name: value}), checked to hold exactly
     the steps (and names) of `got`. With LLAMA2_UPDATE_REFERENCE=1 it writes `got` there and fails

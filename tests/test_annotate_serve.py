@@ -20,7 +20,8 @@ from llama2.checkpoint import save_native
 from llama2.cli import main as llama2_main
 from llama2.formats import RATINGS, validate_file
 from llama2.model import ModelArgs, Transformer
-from tests.test_serve import _chromium, free_port
+from tests.conftest import chromium
+from tests.test_serve import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"alice": "alice-key-123", "bob": "bob-key-4567", "carol": "carol-key-890"}
@@ -317,7 +318,7 @@ def test_export_validates_and_trains_a_reward_model(setup, server, tmp_path):
 def test_annotation_page_in_a_real_browser(server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _chromium()
+    driver = chromium(1000)
     try:
         driver.get(server["url"] + "/")
         css = driver.find_element

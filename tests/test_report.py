@@ -2,8 +2,6 @@
 per task family), then the plots, then example answers side by side, the raw summary last;
 checked in a real headless browser (Chromium through selenium)."""
 import json
-import os
-import shutil
 
 import pytest
 
@@ -11,6 +9,7 @@ from llama2.formats import read_records
 from llama2.recipes.evaluate import win_rate
 from llama2.report import write_report
 from llama2.world.grading import grade_helpfulness
+from tests.conftest import chromium
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +59,12 @@ def test_the_report_leads_with_the_answer(run_dir):
     assert "I do not know." in page and "the answer" in page  # an answer and the graders' reason
 
 
-def _chromium():
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium and chromium-driver (make browser installs them)")
-        pytest.skip("no chromium/chromedriver here (`make browser` installs Debian's)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 def test_the_report_in_a_real_browser(run_dir, tmp_path):
     run, w = run_dir
     page = write_report(run, tmp_path / "report.html")
-    driver = _chromium()
+    driver = chromium()
     try:
         driver.get(page.as_uri())
         headings = [h.text for h in driver.find_elements("css selector", "h2")]

@@ -3,7 +3,6 @@ raw HTTP for the limits, the continuous-batching engine against `Decoder`, and t
 real headless chromium."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from llama2.generation import Decoder, SamplingParams
 from llama2.inference import load_for_inference
 from llama2.model import ModelArgs, Transformer
 from llama2.serve import REFUSAL
+from tests.conftest import chromium
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
@@ -335,21 +335,6 @@ def test_engine_joins_mid_decode_and_matches_decoder(local):
 # ----------------------------------------------------------------------------- the chat page
 
 
-def _chromium():
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI must have chromium and chromium-driver (make browser installs them)")
-        pytest.skip("no chromium/chromedriver here (`make browser` installs Debian's)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 def test_chat_page_in_a_real_browser(servers, local):
@@ -363,7 +348,7 @@ def test_chat_page_in_a_real_browser(servers, local):
     second = greedy_chat(local, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the llama"},
                                  {"role": "assistant", "content": first}, {"role": "user", "content": "the sun"}], 16)
     assert first.strip() and second.strip()
-    driver = _chromium()
+    driver = chromium(1000)
     try:
         driver.get(servers["open"] + "/")
         css = driver.find_element
