@@ -280,6 +280,22 @@ class Choice:
     first_token_s: float | None = None
 
 
+class SlotResponse(StreamingResponse):
+    """A streamed answer that gives its concurrency slot back however the response ends: sent,
+    failed, or a client gone before the first chunk (then the body's generator never runs, and
+    its own `finally` with it)."""
+
+    def __init__(self, content, release: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class Server:
     def __init__(self, model, tokenizer, fmt: ChatFormat, model_name: str, limits: Limits,
                  api_key: str | None = None, safety: SafetyFilter | None = None, max_batch: int = 64):
@@ -616,6 +632,13 @@ async def respond(server: Server, request: Request, req: Sampling, kind: str,
             server.release()
 
     buffered = server.safety is not None
+    released = False
+
+    def release_once() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            server.release()
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -657,13 +680,13 @@ async def respond(server: Server, request: Request, req: Sampling, kind: str,
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
-            server.release()
+            release_once()
 
     async def finalise_one(i: int, c: Choice) -> None:
         if not await server.check_output(prompts[owner[i]][1], c.text):
             c.text, c.finish_reason, c.logprobs = REFUSAL, "content_filter", None
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
+    return SlotResponse(stream(), release_once, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -371,3 +371,28 @@ def test_chat_page_in_a_real_browser(servers, local):
         assert not driver.find_elements("css selector", ".msg.error")
     finally:
         driver.quit()
+
+
+def test_a_stream_whose_client_is_gone_before_the_first_chunk_gives_its_slot_back():
+    """The body's generator never runs when the client is gone at the headers; the slot must still
+    come back, or enough such clients would leave the server answering 429 forever."""
+    import asyncio
+
+    from llama2.serve import SlotResponse
+
+    started, released = [], []
+
+    async def body():
+        started.append(True)
+        yield "data: [DONE]\n\n"
+
+    async def send(message):
+        raise OSError("connection reset")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    response = SlotResponse(body(), lambda: released.append(True), media_type="text/event-stream")
+    with pytest.raises(Exception):
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert released == [True] and started == []
