@@ -396,3 +396,45 @@ def test_a_stream_whose_client_is_gone_before_the_first_chunk_gives_its_slot_bac
     with pytest.raises(Exception):
         asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
     assert released == [True] and started == []
+
+
+def test_openai_client_on_smollm2(smollm2_gguf):
+    """The real model: SmolLM2-135M-Instruct's GGUF served as it loads by default (its quantized
+    weights kept), its own chat template; the openai client's greedy answer is the one `Decoder`
+    gives on the same load, streamed or not."""
+    from openai import OpenAI
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama2", "serve", "--model", str(smollm2_gguf), "--port",
+                             str(port), "--log-level", "warning"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        model, tok = load_for_inference(str(smollm2_gguf), "cpu")
+        fmt = ChatFormat(tok)
+        dialog = [{"role": "user", "content": "What is the capital of France?"}]
+        params = SamplingParams.for_chat(fmt, max_new_tokens=12, temperature=0.0)
+        expected = Decoder(model, tok).generate([fmt.prompt_ids(dialog)], params)[0].text
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the SmolLM2 server did not answer /health"
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        got = client.chat.completions.create(model=name, messages=dialog, max_tokens=12, temperature=0.0)
+        assert got.choices[0].message.content == expected and "Paris" in expected
+        chunks = client.chat.completions.create(model=name, messages=dialog, max_tokens=12, temperature=0.0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
