@@ -88,10 +88,14 @@ def test_best_of_n_command(policy, world_dir, tmp_path, capsys):
     assert cli(["rlhf", "best-of-n", "--policy", str(policy), "--reward-models", "grader",
                 "--prompts", str(world_dir / "prompts" / "train.jsonl"), "--max-prompts", "3", "--n", "4",
                 "--temperatures", "0.8,1.2", "--k", "2", "--max-new-tokens", "6", "--device", "cpu",
-                "--out", str(out)]) == 0
+                "--judge", "grader", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "[best-of-n] wrote" in printed and "best temperature for K=2" in printed
+    assert "the judge's score of the pick: N=1" in printed
     result = json.loads((out / "best_of_n.json").read_text())
+    # the graders judging the graders' own pick: it can only get better with N
+    pick = result["curves"]["0.8"]["judged_pick"]
+    assert len(pick) == 4 and all(b >= a - 1e-9 for a, b in zip(pick, pick[1:]))
     assert result["policy"] == str(policy) and result["chosen"] in (0.8, 1.2)
     assert sorted(p.name for p in out.glob("*.png")) == ["best_of_n_max_median.png", "best_of_n_temperatures.png"]
     assert cli(["rlhf", "best-of-n", "--policy", str(policy), "--reward-models", "grader", "--prompts",

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2.recipes.best_of_n import best_of_n, best_of_n_curves, choose_temperature, plot_best_of_n
+from llama2.recipes.best_of_n import (best_of_n, best_of_n_curves, choose_temperature, judged_pick_curve,
+                                      plot_best_of_n)
 from llama2.config import ConfigError, load_config
 from llama2.generation import Completion
 from llama2.recipes.rejection_sampling import (RejectionSamplingConfig, best_per_prompt, clear_preferences, main,
@@ -211,6 +212,25 @@ def test_best_of_n_curves_match_hand_values_and_brute_force():
     assert all(b >= a - 1e-12 for a, b in zip(c["max"], c["max"][1:]))  # non-decreasing in N
     assert all(m <= x + 1e-12 for m, x in zip(c["median"], c["max"]))
     assert c["max"][-1] == pytest.approx(statistics.fmean(max(row) for row in table))  # N=n: the best
+
+
+def test_the_judge_scores_the_reward_model_pick_exactly_as_every_subset_would():
+    """Figure 7 judged by the ground truth: the judge's score of the reward's argmax among N random
+    samples, against brute force over every N-subset; a reward that agrees with the judge rises to
+    the judge's best, one that contradicts it falls to the judge's worst."""
+    rng = random.Random(1)
+    rewards = [[rng.random() for _ in range(6)] for _ in range(3)]
+    judged = [[rng.choice([0.0, 0.2, 1.0]) for _ in range(6)] for _ in range(3)]
+    got = judged_pick_curve(torch.tensor(rewards), torch.tensor(judged))
+    for N in range(1, 7):
+        per_prompt = [statistics.fmean(judged[p][max(s, key=lambda i: rewards[p][i])]
+                                       for s in itertools.combinations(range(6), N)) for p in range(3)]
+        assert got[N - 1] == pytest.approx(statistics.fmean(per_prompt))
+    truth = torch.tensor(judged)
+    agree, contradict = judged_pick_curve(truth, truth), judged_pick_curve(-truth, truth)
+    assert agree[-1] == pytest.approx(truth.max(1).values.mean().item())
+    assert contradict[-1] == pytest.approx(truth.min(1).values.mean().item())
+    assert agree[0] == pytest.approx(contradict[0]) == pytest.approx(truth.mean().item())  # N=1: a random sample
 
 
 def test_best_of_n_curves_at_n_100_are_stable():

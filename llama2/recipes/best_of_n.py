@@ -68,6 +68,23 @@ def best_of_n_curves(rewards: torch.Tensor) -> dict:
             "mean": ranked.mean().item()}
 
 
+def judged_pick_curve(rewards: torch.Tensor, judged: torch.Tensor) -> list[float]:
+    """The judge's expected score of the answer `rewards` ranks first among N random samples, N = 1..n,
+    averaged over prompts: whether best-of-N by a reward model picks better answers by the judge's
+    measure (e.g. the graders, the ground truth) as N grows, not only higher rewards.
+
+    rewards, judged: (P, n), the same samples. The pick among a random N-subset is its max by reward,
+    which is the i-th smallest of all n with the order statistic's weights; ties in reward are broken
+    by sample order."""
+    if rewards.shape != judged.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and judged {tuple(judged.shape)} differ in shape")
+    n = rewards.shape[1]
+    w_max, _ = subset_weights(n)
+    order = torch.sort(rewards.double(), dim=1, stable=True).indices
+    by_reward = judged.double().gather(1, order)  # the judge's scores in ascending reward order
+    return (by_reward @ w_max.T).mean(0).tolist()
+
+
 def choose_temperature(result: dict, k: int) -> float:
     """The temperature with the highest expected max reward among k samples (Figure 8); ties go
     to the lowest temperature (less risk of degenerate text at the same reward)."""
@@ -79,13 +96,15 @@ def choose_temperature(result: dict, k: int) -> float:
 
 
 def best_of_n(sampler, reward, records: list[dict], n: int, temperatures: list[float], *, top_p: float = 1.0,
-              max_new_tokens: int = 64, seed: int = 0, k: int | None = None, log=print) -> dict:
+              max_new_tokens: int = 64, seed: int = 0, k: int | None = None, judge=None, log=print) -> dict:
     """Sample n answers per prompt at each temperature, score them with `reward` (a GatedReward),
     and return the curves. `sampler` is a DialogSampler; records are prompt records.
 
     Result (JSON-ready): n, prompts, temperatures, curves[str(T)] = {max, median, mean,
     used_safety}, rewards[str(T)] = the (P, n) table, seconds per temperature, and `chosen` =
-    choose_temperature(result, k) when k is given.
+    choose_temperature(result, k) when k is given. With a `judge` (another GatedReward, e.g. the
+    world's graders), also curves[str(T)]["judged_pick"]: the judge's score of the reward's pick among
+    N (`judged_pick_curve`), and ["judged_mean"].
     """
     if not records:
         raise ValueError("best-of-N needs at least one prompt")
@@ -101,16 +120,23 @@ def best_of_n(sampler, reward, records: list[dict], n: int, temperatures: list[f
         # every temperature sees the same seed: the curves differ by temperature, not by luck
         outs = sampler.sample(dialogs, n, float(T), top_p, max_new_tokens, seed)
         t1 = time.perf_counter()
-        scores = reward(flat_records, [c.text.strip() for per_prompt in outs for c in per_prompt])
+        texts = [c.text.strip() for per_prompt in outs for c in per_prompt]
+        scores = reward(flat_records, texts)
         table = scores.gated.view(len(records), n)  # (P, n)
         curves = best_of_n_curves(table)
         curves["used_safety"] = scores.used_safety.float().mean().item()
+        if judge is not None:
+            judged = judge(flat_records, texts).gated.view(len(records), n)
+            curves["judged_pick"] = judged_pick_curve(table, judged)
+            curves["judged_mean"] = judged.double().mean().item()
         key = str(float(T))
         result["curves"][key] = curves
         result["rewards"][key] = table.tolist()
         result["seconds"][key] = {"sampling": round(t1 - t0, 3), "scoring": round(time.perf_counter() - t1, 3)}
         log(f"[best-of-n] T={T}: mean {curves['mean']:.3f}, max@{n} {curves['max'][-1]:.3f}, "
-            f"median@{n} {curves['median'][-1]:.3f} ({t1 - t0:.1f}s sampling)")
+            f"median@{n} {curves['median'][-1]:.3f} ({t1 - t0:.1f}s sampling)"
+            + (f"; the judge's score of the pick: N=1 {curves['judged_pick'][0]:.3f}, N={n} "
+               f"{curves['judged_pick'][-1]:.3f}" if judge is not None else ""))
     if k is not None:
         result["k"] = k
         result["chosen"] = choose_temperature(result, k)
@@ -134,6 +160,8 @@ def plot_best_of_n(result: dict, out_dir: str | Path, temperature: float | None 
     ax.plot(Ns, c["max"], label="max of N", color="tab:blue")
     ax.plot(Ns, c["median"], label="median of N", color="tab:orange")
     ax.fill_between(Ns, c["median"], c["max"], alpha=0.15, color="tab:blue", label="potential gain")
+    if "judged_pick" in c:
+        ax.plot(Ns, c["judged_pick"], label="the judge's score of the pick", color="tab:green", ls="--")
     ax.set(xlabel="N samples", ylabel="reward (Rc)", title=f"Max and median reward among N (T={float(key):g})")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -211,6 +239,9 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--reward-batch-size", type=int, default=32)
     p.add_argument("--safety-threshold", type=float, default=0.15, help="the gate of §3.2.3")
     p.add_argument("--chat-format", default="auto", choices=["auto", "llama2", "template"])
+    p.add_argument("--judge", nargs="+", metavar="RM", default=None,
+                   help="also score the reward models' pick among N with this judge (as --reward-models; "
+                        "`grader`: the world's graders, the ground truth): does the pick get better as N grows?")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output directory (best_of_n.json and two PNG plots)")
@@ -219,17 +250,21 @@ def cli(argv: list[str]) -> int:
         temperatures = [float(t) for t in a.temperatures.split(",") if t.strip()]
     except ValueError:
         raise ValueError(f"--temperatures: expected comma-separated numbers, got {a.temperatures!r}") from None
-    if len(a.reward_models) > 2:
-        raise ValueError(f"--reward-models: at most two (helpfulness, safety), got {len(a.reward_models)}")
-    helpful = a.reward_models[0]
-    safety = a.reward_models[1] if len(a.reward_models) == 2 else ("grader" if helpful == "grader" else "")
+    def gated(models: list[str], where: str):
+        if len(models) > 2:
+            raise ValueError(f"{where}: at most two (helpfulness, safety), got {len(models)}")
+        helpful = models[0]
+        safety = models[1] if len(models) == 2 else ("grader" if helpful == "grader" else "")
+        return load_gated_reward(helpful, safety, a.safety_threshold, a.reward_batch_size, where=where)
+
     records = load_prompt_records(a.prompts, None if a.split == "any" else a.split, a.max_prompts, a.seed,
                                   "--prompts")
-    reward = load_gated_reward(helpful, safety, a.safety_threshold, a.reward_batch_size, where="--reward-models")
+    reward = gated(a.reward_models, "--reward-models")
+    judge = gated(a.judge, "--judge") if a.judge else None
     model, tok = load_for_inference(a.policy, a.device)
     sampler = DialogSampler(model, tok, a.chat_format, a.batch_size)
     result = best_of_n(sampler, reward, records, a.n, temperatures, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                       seed=a.seed, k=a.k)
+                       seed=a.seed, k=a.k, judge=judge)
     result["policy"] = str(a.policy)
     path = write_result(result, a.out)
     plots = plot_best_of_n(result, a.out)
