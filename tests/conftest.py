@@ -108,3 +108,18 @@ def world_tokenizer(world_dir, tmp_path_factory):
 
     return train_sentencepiece([world_dir / "corpus" / "pretrain.jsonl"], tmp_path_factory.mktemp("wtok") / "tok",
                                vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(world_tokenizer, tmp_path_factory):
+    """A random 64-wide chat model with the world's tokenizer, saved natively (read-only for tests)."""
+    from llama2.checkpoint import save_native
+    from llama2.model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
+                              hidden_dim=128, max_seq_len=256))
+    m.init_weights()
+    d = tmp_path_factory.mktemp("tiny_policy") / "policy"
+    save_native(d, m, tokenizer=world_tokenizer)
+    return d

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2.checkpoint import read_checkpoint, save_native
+from llama2.checkpoint import read_checkpoint
 from llama2.config import ConfigError
-from llama2.model import ModelArgs, Transformer
 from llama2.recipes.context_distill import (CONDITIONS, ContextDistillConfig, check_config, distill, gate_keep,
                                             plot_figure16, preprompt_for, safety_score_fn, with_preprompt)
 from llama2.world.safety import CATEGORY_TEMPLATES, adversarial_prompts, bad_answer, gold_answer
@@ -134,16 +133,6 @@ def test_config_errors():
 
 # ----------------------------------------------------------------------------- the recipe, killed and resumed
 
-
-@pytest.fixture(scope="module")
-def tiny_policy(world_tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
-                              hidden_dim=128, max_seq_len=256))
-    m.init_weights()
-    d = tmp_path_factory.mktemp("cd_policy") / "policy"
-    save_native(d, m, tokenizer=world_tokenizer)
-    return d
 
 
 @pytest.mark.slow

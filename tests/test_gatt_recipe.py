@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from llama2.chat_format import ChatFormat
-from llama2.checkpoint import save_native
 from llama2.config import ConfigError, load_config
 from llama2.dialog_data import tokenize_dialogs
 from llama2.losses import IGNORE
@@ -256,16 +255,6 @@ def test_system_span_and_system_attention(world_tokenizer):
 
 # ----------------------------------------------------------------------------- the recipe, killed and resumed
 
-
-@pytest.fixture(scope="module")
-def tiny_policy(world_tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
-                              hidden_dim=128, max_seq_len=256))
-    m.init_weights()
-    d = tmp_path_factory.mktemp("gatt_policy") / "policy"
-    save_native(d, m, tokenizer=world_tokenizer)
-    return d
 
 
 def gatt_overrides(world_dir, policy, out):

@@ -221,16 +221,12 @@ def test_held_out_prompts_per_batch_take_the_batch_own_first_then_the_others(tmp
     assert len({r["id"] for r in more}) == 400 and all(r["split"] == "test" for r in more)
 
 
-def test_ghost_attention_stage_and_multi_turn_evaluation_in_the_pipeline(tmp_path, world_dir, world_tokenizer):
+def test_ghost_attention_stage_and_multi_turn_evaluation_in_the_pipeline(tmp_path, world_dir, tiny_policy):
     """`gatt_after_version: K` adds vK.gatt (GAtt on version K's model) and vK.multi_turn (adherence
     turn by turn, with and without GAtt) before vK.eval, which then evaluates the GAtt model; the
     report shows the adherence table."""
     import shutil
 
-    import torch
-
-    from llama2.checkpoint import save_native
-    from llama2.model import ModelArgs, Transformer
     from llama2.pipeline import Run, run_stage
     from llama2.report import write_report
 
@@ -241,11 +237,6 @@ def test_ghost_attention_stage_and_multi_turn_evaluation_in_the_pipeline(tmp_pat
     with pytest.raises(ConfigError, match="gatt_after_version: 3 is not one of the versions 1..2"):
         check(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "gatt_after_version=3"]))
 
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
-                              hidden_dim=128, max_seq_len=256))
-    m.init_weights()
-    save_native(tmp_path / "policy", m, tokenizer=world_tokenizer)
     cfg = load_config(PipelineConfig, TINY, [
         f"out_dir={tmp_path / 'run'}", "versions=1", "gatt_after_version=1", "gatt.max_dialogs=8",
         "gatt.max_new_tokens=12", "gatt.retries=0", "gatt.repair=llama2.world.gatt:comply", "gatt.sft.seq_len=256",
@@ -254,27 +245,23 @@ def test_ghost_attention_stage_and_multi_turn_evaluation_in_the_pipeline(tmp_pat
     run = Run(cfg)
     shutil.copytree(world_dir, run.world)
     for stage in ("sft", "v1.rejection_sampling"):
-        run.finish(stage, {"model": str(tmp_path / "policy")}, 0.0)
+        run.finish(stage, {"model": str(tiny_policy)}, 0.0)
     for stage in ("v1.gatt", "v1.multi_turn"):
         run.finish(stage, run_stage(run, cfg, stage, run.stage_dir(stage), False), 0.0)
     gatt_model = run.output("v1.gatt")
     assert Path(gatt_model).is_dir() and run.state["done"]["v1.gatt"]["steps"] >= 1
     result = json.loads((run.root / "v1" / "multi_turn" / "multi_turn.json").read_text())
-    assert result["paths"] == {"model": gatt_model, "baseline": str(tmp_path / "policy")}
+    assert result["paths"] == {"model": gatt_model, "baseline": str(tiny_policy)}
     page = write_report(run.root).read_text()
     assert "Ghost Attention: instructions kept turn by turn" in page and "without GAtt" in page
 
 
-def test_context_distillation_and_red_teaming_stages(tmp_path, world_dir, world_tokenizer):
+def test_context_distillation_and_red_teaming_stages(tmp_path, world_dir, tiny_policy):
     """`context_distill_after_version: K` distils version K's model (gated by its safety RM; later
     stages use the result); `redteam: true` runs two rounds, SFT then the final model, the second also
     asked the first round's violating prompts; the report shows both."""
     import shutil
 
-    import torch
-
-    from llama2.checkpoint import save_native
-    from llama2.model import ModelArgs, Transformer
     from llama2.pipeline import Run, _trained_policy, run_stage
     from llama2.report import write_report
 
@@ -284,12 +271,7 @@ def test_context_distillation_and_red_teaming_stages(tmp_path, world_dir, world_
     assert names.index("v2.ppo") < names.index("v2.context_distill") < names.index("v2.eval")
     assert names.index("v2.eval") < names.index("redteam") < names.index("control")
 
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
-                              hidden_dim=128, max_seq_len=256))
-    m.init_weights()
-    policy = str(tmp_path / "policy")
-    save_native(policy, m, tokenizer=world_tokenizer)
+    policy = str(tiny_policy)
     cfg = load_config(PipelineConfig, TINY, [
         f"out_dir={tmp_path / 'run'}", "versions=1", "context_distill_after_version=1", "redteam=true",
         "context_distill.max_prompts=8", "context_distill.max_new_tokens=8", "context_distill.gate=false",

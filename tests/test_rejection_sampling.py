@@ -284,19 +284,6 @@ def test_best_of_n_function_and_plots(tmp_path):
 # ----------------------------------------------------------------------------- the recipe end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(world_tokenizer, tmp_path_factory):
-    from llama2.checkpoint import save_native
-    from llama2.model import ModelArgs, Transformer
-
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=world_tokenizer.vocab_size,
-                              hidden_dim=128, max_seq_len=256))
-    m.init_weights()
-    d = tmp_path_factory.mktemp("rs_policy") / "policy"
-    save_native(d, m, tokenizer=world_tokenizer)
-    return d
-
 
 def rs_overrides(world_dir, start, out, **kw):
     base = {"policy": str(start), "out_dir": str(out), "prompts": f"[{world_dir / 'prompts' / 'train.jsonl'}]",
