@@ -338,8 +338,8 @@ def other_words(ref: dict, response: str, context: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _word_penalty(ref: dict, response: str, context: str) -> Check | None:
-    others = other_words(ref, response, context)
+def _word_penalty(others: list[str], response: str, context: str) -> Check | None:
+    """The score cap of an answer that speaks of `others` (`other_words`) besides or instead of the asked word."""
     if not others:
         return None
     asked = _QUOTED_WORD.findall(_last_user(context))
@@ -358,10 +358,11 @@ ON_TOPIC_CREDIT = 0.2
 ON_TOPIC_CHECKS = ("number", "value", "string", "letter")
 
 
-def on_topic(ref: dict, response: str, context: str) -> bool:
+def on_topic(ref: dict, response: str, context: str, others: list[str] | None = None) -> bool:
     """The response takes up what the question is about, and nothing else: the quoted word of a word
     question, the person or place of a fact question, every number the question gives (the
-    operands of a sum, the amount to convert). False where the question names none of these."""
+    operands of a sum, the amount to convert). False where the question names none of these.
+    `others`: `other_words` of the response, when the caller has them already."""
     question = _last_user(context)
     keys = ref.get("instances") or []
     subject = str(keys[-1]).split(":") if keys else []
@@ -372,7 +373,9 @@ def on_topic(ref: dict, response: str, context: str) -> bool:
     words = _QUOTED_WORD.findall(question)
     if words:
         named = {_letters(w) for w in _named_words(response)}
-        return not other_words(ref, response, context) and bool(named & {_letters(w) for w in words})
+        if others is None:
+            others = other_words(ref, response, context)
+        return not others and bool(named & {_letters(w) for w in words})
     given = numbers(question)
     if given:
         said = numbers(response)
@@ -849,10 +852,11 @@ def grade_reference(record: dict, response: str) -> Grade:
         return Grade(0.0, tuple(common))
     context = prompt_text(record)
     score, reasons = CHECKS[ref["check"]](ref, response, context)
-    if ref["check"] in ("number", "string", "letter"):
-        penalty = _word_penalty(ref, response, context)
+    if ref["check"] in ON_TOPIC_CHECKS:
+        others = other_words(ref, response, context)  # read once: the cap below and the on-topic credit
+        penalty = _word_penalty(others, response, context) if ref["check"] != "value" else None
         if penalty:
             score, reasons = min(score, penalty[0]), reasons + penalty[1]
-    if score == 0 and ref["check"] in ON_TOPIC_CHECKS and on_topic(ref, response, context):
-        score, reasons = ON_TOPIC_CREDIT, reasons + ["a wrong answer to the question asked"]
+        if score == 0 and on_topic(ref, response, context, others):
+            score, reasons = ON_TOPIC_CREDIT, reasons + ["a wrong answer to the question asked"]
     return Grade(round(max(0.0, min(1.0, score * factor)), 4), tuple(reasons + common))
