@@ -264,8 +264,7 @@ def stage_sft(run: Run, cfg: PipelineConfig, out: Path, resume: bool, model: str
                                "train_data": run.files(cfg.sft_train, "sft/train.jsonl"),
                                "eval_data": run.files(cfg.sft_eval, "sft/test.jsonl")}, "pipeline.sft")
     sft.main(sc, resume=resume and has_checkpoint(out))
-    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
-    return {"model": str(out / "final"), "steps": steps}
+    return {"model": str(out / "final"), "steps": _logged_steps(out / "metrics.jsonl")}
 
 
 def _batch_prompts(run: Run, cfg: PipelineConfig, version: int) -> tuple[list[dict], list[dict]]:
@@ -370,6 +369,15 @@ def earlier_pools(run: Run, cfg: PipelineConfig, version: int) -> list[str]:
     return sorted(str(p) for v in range(1, version) for p in (run.root / f"v{v}" / "rejection_sampling" / "pool").glob("*.jsonl"))
 
 
+def _logged_steps(*metrics: Path) -> int:
+    """Optimizer steps a training stage logged: the lines of its metrics.jsonl file(s)."""
+    return sum(len(m.read_text().splitlines()) for m in metrics if m.is_file())
+
+
+def _stats(out: Path) -> dict:
+    return json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
+
+
 def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str,
                              rms: dict) -> dict:
     pools = earlier_pools(run, cfg, version)
@@ -384,9 +392,8 @@ def stage_rejection_sampling(run: Run, cfg: PipelineConfig, out: Path, resume: b
                                              "pool_from": pools, "seed": derive_seed(cfg.seed, version), "device": cfg.device},
                    "pipeline.rejection_sampling")
     rejection_sampling.main(rc, resume=resume)
-    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
-    steps = sum(1 for p in out.glob("iter-*/sft/metrics.jsonl") for _ in open(p))
-    return {"model": str((out / "final").resolve()), "steps": steps, "stats": stats}
+    steps = _logged_steps(*sorted(out.glob("iter-*/sft/metrics.jsonl")))
+    return {"model": str((out / "final").resolve()), "steps": steps, "stats": _stats(out)}
 
 
 def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: int, policy: str, rms: dict) -> dict:
@@ -396,8 +403,7 @@ def stage_ppo(run: Run, cfg: PipelineConfig, out: Path, resume: bool, version: i
                                "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
                                "seed": derive_seed(cfg.seed, version), "device": cfg.device}, "pipeline.ppo")
     ppo.main(pc, resume=resume and has_checkpoint(out))
-    steps = sum(1 for _ in open(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
-    return {"model": str(out / "final"), "steps": steps}
+    return {"model": str(out / "final"), "steps": _logged_steps(out / "metrics.jsonl")}
 
 
 def stage_gatt(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: str) -> dict:
@@ -412,9 +418,7 @@ def stage_gatt(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: s
     gc = from_dict(gatt.GattConfig, {**over, "seed": derive_seed(cfg.seed, version), "device": cfg.device},
                    "pipeline.gatt")
     model = gatt.run(policy, dialogs, out, gc)
-    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
-    steps = sum(1 for _ in open(out / "sft" / "metrics.jsonl")) if (out / "sft" / "metrics.jsonl").is_file() else 0
-    return {"model": str(model), "steps": steps, "stats": stats}
+    return {"model": str(model), "steps": _logged_steps(out / "sft" / "metrics.jsonl"), "stats": _stats(out)}
 
 
 def stage_context_distill(run: Run, cfg: PipelineConfig, out: Path, version: int, policy: str, rms: dict) -> dict:
@@ -426,9 +430,7 @@ def stage_context_distill(run: Run, cfg: PipelineConfig, out: Path, version: int
     cc = from_dict(context_distill.ContextDistillConfig,
                    {**over, "seed": derive_seed(cfg.seed, version), "device": cfg.device}, "pipeline.context_distill")
     model = context_distill.run(policy, run.files(cfg.prompts, "prompts/train.jsonl"), out, cc, rms["safety"])
-    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").is_file() else {}
-    steps = sum(1 for _ in open(out / "sft" / "metrics.jsonl")) if (out / "sft" / "metrics.jsonl").is_file() else 0
-    return {"model": str(model), "steps": steps, "stats": stats}
+    return {"model": str(model), "steps": _logged_steps(out / "sft" / "metrics.jsonl"), "stats": _stats(out)}
 
 
 def stage_redteam(run: Run, cfg: PipelineConfig, out: Path, sft_model: str, final: str) -> dict:
