@@ -40,6 +40,8 @@ STUDY: Table = {
                        "reward-model accuracy vs preference pairs, per model size (Figure 6)"),
     "reward-scaling-run": ("llama2.pipeline:reward_scaling_cli",
                            "the same study on a pipeline run's weekly batches: --run RUN_DIR"),
+    "safety-scaling": ("llama2.recipes.safety_scaling:cli",
+                       "safety RM score, helpfulness and false refusals vs the share of safety data (Figures 15, 33)"),
 }
 ANNOTATE: Table = {
     "simulate": ("llama2.recipes.annotate:simulate_cli", "a weekly batch judged by the world's simulated annotators"),
@@ -61,7 +63,7 @@ COMMANDS: Table = {
     "reward": ("llama2.recipes.reward_model:cli", "reward models (§3.2.2): reward train | eval | score"),
     "rlhf": (RLHF, "RLHF (§3.2.3): rejection-sampling, best-of-n, ppo; gatt (§3.3); context-distill (§4.2.4)"),
     "data": (DATA, "data tools: pretokenize, info, validate"),
-    "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6)"),
+    "study": (STUDY, "studies of the paper's figures: reward-scaling (Figure 6), safety-scaling (Figures 15, 33)"),
     "pipeline": ("llama2.pipeline:cli", "the whole recipe: world -> pretrain -> SFT -> RLHF V1..Vn -> eval"),
     "redteam": ("llama2.recipes.redteam:cli", "a red-teaming round (§4.3): automated attackers, Likert raters, γ, mitigated share"),
     "evaluate": ("llama2.cli:evaluate_cli", "win rates, violations, false refusals (§3.4, §4.4); multi-turn (§3.3); diversity (§5.1)"),

@@ -138,25 +138,40 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+BASE_KEY = "base"  # a YAML config may start from another: `base: tiny.yaml` (relative to the file)
+
+
+def read_yaml_config(cls, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config file as a dict of checked keys, on top of the file its `base` key names (if any):
+    a larger preset says only what it changes."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{seen[-1]}: base: {path} is already a base of this config (a cycle)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    parent = data.pop(BASE_KEY, None)
+    _check_keys(cls, data, str(path))
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: base: expected the path of another config file, got {parent!r}")
+    return _merge(read_yaml_config(cls, path.parent / parent, seen + (path.resolve(),)), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 base: T | None = None) -> T:
     """Build `cls` from its defaults (or from `base`, a config made elsewhere, e.g. from a finished
     run), then the YAML file at `path`, then `key=value` overrides."""
     tree = to_dict(base if base is not None else cls())
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        _check_keys(cls, data, str(path))
-        tree = _merge(tree, data)
+        tree = _merge(tree, read_yaml_config(cls, Path(path)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -15,6 +15,8 @@ built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…
     -> evaluation against the SFT model (§3.4)
 -> with `redteam`, two red-teaming rounds (§4.3): against the SFT model, then against the final
    model with the first round's violating prompts (the share it now mitigates)
+-> with `safety_scaling`, the safety-data scaling study (§4.2.3, Figures 15 and 33): the SFT model
+   tuned on its best answers with 0 ... 100% of the safety data, judged by the final reward models
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
 -> summary.json and report.html.
 
@@ -41,7 +43,7 @@ from llama2.config import ConfigError, from_dict, load_config, save_config, to_d
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
 from llama2.recipes import (context_distill, gatt, multi_turn, ppo, pretrain, redteam, rejection_sampling, reward_model,
-                            reward_scaling, sft)
+                            reward_scaling, safety_scaling, sft)
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
@@ -75,6 +77,7 @@ class PipelineConfig:
     # versions start from it. 0 = never.
     context_distill_after_version: int = 0
     redteam: bool = False  # two red-teaming rounds (§4.3): the SFT model, then the final model
+    safety_scaling: bool = False  # the safety-data scaling study (§4.2.3, Figures 15 and 33)
     # Rejection sampling pools the best answers of every earlier version from this version on
     # (§3.2.3: "up to RLHF V3 [...] only from the samples collected from the previous iteration";
     # from V3 on, all earlier iterations' top samples). 0 = never.
@@ -105,6 +108,7 @@ class PipelineConfig:
     gatt: dict = field(default_factory=dict)  # llama2 rlhf gatt's options (configs/rlhf/gatt_tiny.yaml)
     context_distill: dict = field(default_factory=dict)  # llama2 rlhf context-distill's options
     redteam_options: dict = field(default_factory=dict)  # llama2 redteam's options (per_seed, attack_vectors, ...)
+    safety_scaling_options: dict = field(default_factory=dict)  # llama2 study safety-scaling's options
     multi_turn: dict = field(default_factory=dict)  # llama2 evaluate multi-turn's options
     evaluate: dict = field(default_factory=dict)
     seed: int = 0
@@ -127,6 +131,8 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
         names.append(f"v{v}.eval")
     if cfg.redteam:
         names.append("redteam")
+    if cfg.safety_scaling:
+        names.append("safety_scaling")
     if cfg.control:
         names += ["control", "control.eval"]
     return names + ["summary"]
@@ -203,7 +209,8 @@ def check(cfg: PipelineConfig) -> None:
                       ("rejection_sampling", rejection_sampling.RejectionSamplingConfig), ("ppo", ppo.PPOConfig),
                       ("gatt", gatt.GattConfig), ("multi_turn", multi_turn.MultiTurnConfig),
                       ("context_distill", context_distill.ContextDistillConfig),
-                      ("redteam_options", redteam.RedteamConfig), ("evaluate", EvaluateConfig)]:
+                      ("redteam_options", redteam.RedteamConfig),
+                      ("safety_scaling_options", safety_scaling.SafetyScalingConfig), ("evaluate", EvaluateConfig)]:
         from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
     for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
                 "extra_preferences"):
@@ -212,7 +219,8 @@ def check(cfg: PipelineConfig) -> None:
     for key in ("base_model", "tokenizer", "helpfulness_rm", "safety_rm"):
         _exists(getattr(cfg, key), key)
     # pretrain_mix reads this run's pretraining tokens unless pretrain_data names others
-    for name, options in (("sft", cfg.sft), ("rejection_sampling.sft", cfg.rejection_sampling.get("sft", {}))):
+    for name, options in (("sft", cfg.sft), ("rejection_sampling.sft", cfg.rejection_sampling.get("sft", {})),
+                          ("safety_scaling_options.sft", cfg.safety_scaling_options.get("sft", {}))):
         if options.get("pretrain_mix", 0) > 0 and cfg.base_model and not options.get("pretrain_data"):
             raise ConfigError(f"{name}.pretrain_mix: with base_model there are no pretraining tokens of this run; "
                               f"set {name}.pretrain_data (llama2 data pretokenize) or pretrain_mix: 0")
@@ -443,6 +451,22 @@ def stage_redteam(run: Run, cfg: PipelineConfig, out: Path, sft_model: str, fina
             "gamma": [first.get("gamma"), second.get("gamma")]}
 
 
+def stage_safety_scaling(run: Run, cfg: PipelineConfig, out: Path, sft_model: str, rms: dict) -> dict:
+    """The safety-data scaling study (§4.2.3): the SFT model's best answers to the training prompts
+    under the final reward models, fine-tuned on with each share of the safety answers, measured on
+    the evaluation prompts."""
+    over = dict(cfg.safety_scaling_options)
+    if "sft" in over:
+        over["sft"] = with_pretrain_tokens(run, over["sft"])
+    sc = from_dict(safety_scaling.SafetyScalingConfig,
+                   {**over, "out_dir": str(out), "policy": sft_model, "prompts": run.files(cfg.prompts, "prompts/train.jsonl"),
+                    "helpfulness_rm": rms["helpfulness"], "safety_rm": rms["safety"],
+                    "eval_prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"), "seed": cfg.seed,
+                    "device": cfg.device}, "pipeline.safety_scaling_options")
+    safety_scaling.main(sc, resume=out.exists())
+    return {"study": str(out / "safety_scaling.json"), "steps": _logged_steps(*sorted(out.glob("share-*/sft/metrics.jsonl")))}
+
+
 def stage_multi_turn(run: Run, cfg: PipelineConfig, out: Path, model: str, baseline: str) -> dict:
     """Instruction adherence turn by turn (Appendix A.3.5, Figure 10), with and without GAtt."""
     mc = from_dict(multi_turn.MultiTurnConfig,
@@ -545,6 +569,8 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         return stage_eval(run, cfg, out, final, [run.output("control"), sft_model], _rms(run, cfg.versions))
     if stage == "redteam":
         return stage_redteam(run, cfg, out, sft_model, run.output(f"v{cfg.versions}.eval", "model_path"))
+    if stage == "safety_scaling":
+        return stage_safety_scaling(run, cfg, out, sft_model, _rms(run, cfg.versions))
     if stage == "summary":
         summary = summarize(run, cfg)
         (run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -365,6 +365,36 @@ def safety_sections(run: Path) -> str:
     return "".join(parts)
 
 
+def safety_scaling_section(run: Path) -> str:
+    """The safety-data scaling study (§4.2.3, Figures 15 and 33), where the run has it."""
+    study = _json(run / "safety_scaling" / "safety_scaling.json")
+    if not study:
+        return ""
+
+    def num(x, fmt=".3f"):
+        return "—" if x is None else format(x, fmt)
+
+    rows = []
+    for r in study["results"]:
+        s, h, g, fr = r.get("safety_rm", {}), r.get("helpfulness_rm", {}), r["graders"], r["false_refusal"]
+        rows.append([f"{r['share'] * 100:g}%", r["safety_examples"], num(s.get("mean")), num(s.get("low_tail")),
+                     num(h.get("mean")), num(g.get("violation_rate")), num(g.get("helpfulness")),
+                     f"{fr['helpful']['rate']:.3f} [{fr['helpful']['ci95'][0]:.3f}, {fr['helpful']['ci95'][1]:.3f}]",
+                     f"{fr['borderline']['rate']:.3f} [{fr['borderline']['ci95'][0]:.3f}, "
+                     f"{fr['borderline']['ci95'][1]:.3f}]"])
+    n = study.get("eval_prompts", {})
+    return ("<h2>Safety-data scaling (§4.2.3, Figures 15 and 33)</h2>"
+            f"<p>Tuning: {html.escape(study['tuning'])} on {study['helpfulness_examples']} helpfulness examples (fixed) "
+            f"and a share of {study['safety_examples']} safety examples; measured on {n.get('helpful', '?')} helpful, "
+            f"{n.get('safety', '?')} adversarial and {n.get('borderline', '?')} borderline held-out prompts. The paper: "
+            "the safety RM score rises and its low tail vanishes with more safety data, helpfulness stays flat, "
+            "false refusals rise (most on borderline prompts).</p>"
+            + _table(rows, ["safety data", "safety examples", "safety RM mean", "safety RM p10", "helpfulness RM mean",
+                            "violation rate (raters)", "helpfulness (graders)", "false refusal, helpful [95% CI]",
+                            "false refusal, borderline [95% CI]"])
+            + _img_file(run / "safety_scaling" / "figure15.png") + _img_file(run / "safety_scaling" / "figure33.png"))
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """The page leads with the answer (the headline table, per family), then the plots, then
     example answers side by side; the raw summary comes last."""
@@ -403,6 +433,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
             parts.append(reward_scaling(run))
     parts.append(multi_turn_section(run))
     parts.append(safety_sections(run))
+    parts.append(safety_scaling_section(run))
     side_by_side = examples(run, summary)
     if side_by_side:
         parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)

@@ -53,7 +53,30 @@ def test_config_loads(path):
         else:
             assert got == written, f"{where.rstrip('.')}: the file says {written!r}, the recipe got {got!r}"
 
-    same(yaml.safe_load(path.read_text()) or {}, to_dict(cfg), "")
+    written = yaml.safe_load(path.read_text()) or {}
+    written.pop("base", None)  # a preset on top of another: its own settings win
+    same(written, to_dict(cfg), "")
+
+
+def test_a_config_on_a_base_says_only_what_it_changes(tmp_path):
+    from llama2.config import ConfigError
+    from llama2.pipeline import PipelineConfig
+
+    (tmp_path / "a.yaml").write_text("versions: 2\nsft: {epochs: 3, seq_len: 256}\nprompts: [x, y]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nsft: {epochs: 1}\nprompts: [z]\nredteam: true\n")
+    cfg = load_config(PipelineConfig, tmp_path / "sub" / "b.yaml", ["versions=3"])
+    assert (cfg.versions, cfg.sft, cfg.prompts, cfg.redteam) == (3, {"epochs": 1, "seq_len": 256}, ["z"], True)
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(PipelineConfig, tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml \\(the base of .*e.yaml\\)"):
+        load_config(PipelineConfig, tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text("base: a.yaml\nverions: 2\n")
+    with pytest.raises(ConfigError, match="f.yaml: unknown key 'verions'"):
+        load_config(PipelineConfig, tmp_path / "f.yaml")
 
 
 def test_paper_hyperparameters_in_presets():
