@@ -3,9 +3,11 @@
 It reads what the stages wrote (metrics.jsonl files, reward-model evaluations, best-of-N curves,
 rejection-sampling stats, evaluations per RLHF version) and draws what the paper draws: training
 losses, reward-model accuracy by rating (Tables 7–8), best-of-N max/median curves (Figures 7–8),
-reward distributions per version (Figure 20-style), the win-rate evolution (Figure 11), and,
-when `llama2 study reward-scaling-run` has run on it, reward-model accuracy vs data and model size
-(Figure 6).
+reward distributions per version (Figure 20-style), the win-rate evolution (Figure 11), the
+safety evaluations of every model (§4.4: violations vs helpfulness, Figure 17; single- vs
+multi-turn, Figure 18; per risk category and attack vector, Figure 19), the diversity stage's
+Self-BLEU vs temperature (Figure 21), and, when `llama2 study reward-scaling-run` has run on it,
+reward-model accuracy vs data and model size (Figure 6).
 Plots are embedded as PNG data URIs, so the page can be mailed or opened offline.
 """
 from __future__ import annotations
