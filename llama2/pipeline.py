@@ -18,6 +18,8 @@ built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…
 -> with `safety_scaling`, the safety-data scaling study (§4.2.3, Figures 15 and 33): the SFT model
    tuned on its best answers with 0 ... 100% of the safety data, judged by the final reward models
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
+-> with `diversity`, Self-BLEU against temperature on factual and creative prompts (§5.1, Figure 21)
+   for the SFT model, every version's final model and the control
 -> summary.json and report.html.
 
 Every stage writes into one run directory and is recorded in RUN/state.json when it finishes:
@@ -42,8 +44,9 @@ import yaml
 from llama2.config import ConfigError, from_dict, load_config, save_config, to_dict
 from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
-from llama2.recipes import (context_distill, gatt, multi_turn, ppo, pretrain, redteam, rejection_sampling, reward_model,
-                            reward_scaling, safety_scaling, sft)
+from llama2.recipes import (context_distill, diversity, gatt, multi_turn, ppo, pretrain, redteam, rejection_sampling,
+                            reward_model, reward_scaling, safety_scaling, sft)
+from llama2.recipes.common import write_atomic
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
@@ -83,6 +86,9 @@ class PipelineConfig:
     # from V3 on, all earlier iterations' top samples). 0 = never.
     pool_from_version: int = 3
     control: bool = True  # train and evaluate the compute-matched extra-SFT control
+    # Self-BLEU vs temperature (§5.1, Figure 21) of the SFT model, every version's final model and the
+    # control, on the evaluation prompts' factual and creative ones; options: diversity_options
+    diversity: bool = False
     # data: the built-in world unless your files are named
     world_seed: int = 0
     world_size: str = "tiny"
@@ -110,6 +116,7 @@ class PipelineConfig:
     redteam_options: dict = field(default_factory=dict)  # llama2 redteam's options (per_seed, attack_vectors, ...)
     safety_scaling_options: dict = field(default_factory=dict)  # llama2 study safety-scaling's options
     multi_turn: dict = field(default_factory=dict)  # llama2 evaluate multi-turn's options
+    diversity_options: dict = field(default_factory=dict)  # llama2 evaluate diversity's options (samples, temperatures, ...)
     evaluate: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
@@ -135,6 +142,8 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
         names.append("safety_scaling")
     if cfg.control:
         names += ["control", "control.eval"]
+    if cfg.diversity:
+        names.append("diversity")
     return names + ["summary"]
 
 
@@ -212,6 +221,9 @@ def check(cfg: PipelineConfig) -> None:
                       ("redteam_options", redteam.RedteamConfig),
                       ("safety_scaling_options", safety_scaling.SafetyScalingConfig), ("evaluate", EvaluateConfig)]:
         from_dict(cls, getattr(cfg, name), f"pipeline config '{name}'")
+    # the stage names the models and prompts; the rest (samples, temperatures, ...) is checked now
+    diversity.check_config(from_dict(diversity.DiversityConfig, {**cfg.diversity_options, "models": ["-"],
+                                                                 "prompts": ["-"]}, "pipeline config 'diversity_options'"))
     for key in ("pretrain_corpus", "sft_train", "sft_eval", "prompts", "test_prompts", "eval_prompts",
                 "extra_preferences"):
         for p in getattr(cfg, key):
@@ -467,6 +479,22 @@ def stage_safety_scaling(run: Run, cfg: PipelineConfig, out: Path, sft_model: st
     return {"study": str(out / "safety_scaling.json"), "steps": _logged_steps(*sorted(out.glob("share-*/sft/metrics.jsonl")))}
 
 
+def stage_diversity(run: Run, cfg: PipelineConfig, out: Path, models: dict[str, str]) -> dict:
+    """Self-BLEU vs temperature (§5.1, Figure 21) of `models` (label -> path) on the factual and creative
+    evaluation prompts (llama2 evaluate diversity); diversity.json also maps each path to its label."""
+    dc = from_dict(diversity.DiversityConfig,
+                   {**cfg.diversity_options, "out_dir": str(out), "models": list(dict.fromkeys(models.values())),
+                    "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"), "seed": cfg.seed,
+                    "device": cfg.device}, "pipeline.diversity_options")
+    result = diversity.main(dc)
+    result["labels"] = {path: label for label, path in reversed(models.items())}
+    write_atomic(out / "diversity.json", json.dumps(result, indent=1) + "\n")
+    # the figure again, each model named by its stage rather than its path
+    diversity.plot_self_bleu({**result, "models": {result["labels"][p]: by for p, by in result["models"].items()}},
+                             out / "self_bleu.png")
+    return {"diversity": str(out / "diversity.json"), "models": models}
+
+
 def stage_multi_turn(run: Run, cfg: PipelineConfig, out: Path, model: str, baseline: str) -> dict:
     """Instruction adherence turn by turn (Appendix A.3.5, Figure 10), with and without GAtt."""
     mc = from_dict(multi_turn.MultiTurnConfig,
@@ -571,6 +599,10 @@ def run_stage(run: Run, cfg: PipelineConfig, stage: str, out: Path, resume: bool
         return stage_redteam(run, cfg, out, sft_model, run.output(f"v{cfg.versions}.eval", "model_path"))
     if stage == "safety_scaling":
         return stage_safety_scaling(run, cfg, out, sft_model, _rms(run, cfg.versions))
+    if stage == "diversity":
+        models = {"SFT": sft_model, **{f"v{v}": run.output(f"v{v}.eval", "model_path") for v in range(1, cfg.versions + 1)},
+                  **({"control": run.output("control")} if run.done("control") else {})}
+        return stage_diversity(run, cfg, out, models)
     if stage == "summary":
         summary = summarize(run, cfg)
         (run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -3,9 +3,11 @@
 It reads what the stages wrote (metrics.jsonl files, reward-model evaluations, best-of-N curves,
 rejection-sampling stats, evaluations per RLHF version) and draws what the paper draws: training
 losses, reward-model accuracy by rating (Tables 7–8), best-of-N max/median curves (Figures 7–8),
-reward distributions per version (Figure 20-style), the win-rate evolution (Figure 11), and,
-when `llama2 study reward-scaling-run` has run on it, reward-model accuracy vs data and model size
-(Figure 6).
+reward distributions per version (Figure 20-style), the win-rate evolution (Figure 11), the
+safety evaluations of every model (§4.4: violations vs helpfulness, Figure 17; single- vs
+multi-turn, Figure 18; per risk category and attack vector, Figure 19), the diversity stage's
+Self-BLEU vs temperature (Figure 21), and, when `llama2 study reward-scaling-run` has run on it,
+reward-model accuracy vs data and model size (Figure 6).
 Plots are embedded as PNG data URIs, so the page can be mailed or opened offline.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from llama2.formats import AXES, RATINGS, read_records
-from llama2.recipes.evaluate import win_rate
+from llama2.recipes.diversity import plot_self_bleu
+from llama2.recipes.evaluate import wilson_interval, win_rate
 from llama2.recipes.reward_scaling import plot_scaling, table_rows
 from llama2.world.grading import grade_helpfulness
 
@@ -395,6 +398,217 @@ def safety_scaling_section(run: Path) -> str:
             + _img_file(run / "safety_scaling" / "figure15.png") + _img_file(run / "safety_scaling" / "figure33.png"))
 
 
+# ----------------------------------------------------------------------------- §4.4 and §5.1 from the evaluations
+
+
+def _model_label(run: Path, path: str) -> str:
+    """SFT, vK or control: the run directory a model path lies in (its first part below the run's root,
+    else the first such part of the path)."""
+    names = {"sft": "SFT", "control": "control"}
+    try:
+        parts = Path(path).resolve().relative_to(run.resolve()).parts[:1]
+    except ValueError:
+        parts = Path(path).parts
+    for part in parts:
+        if part in names or (part[:1] == "v" and part[1:].isdigit()):
+            return names.get(part, part)
+    return Path(path).name or str(path)
+
+
+def safety_models(run: Path) -> list[tuple[str, dict]]:
+    """(label, evaluation block) per model with a safety evaluation: SFT (the `baseline0` of the
+    versions' evaluations), each version vK (the `model` of RUN/vK/eval/eval.json) and the
+    compute-matched control (the `baseline0` of RUN/control/eval/eval.json)."""
+    versions = win_rates(run)
+    out = []
+    sft = next((ev["baseline0"] for _, ev in reversed(versions) if ev.get("baseline0", {}).get("safety")), None)
+    if sft:
+        out.append(("SFT", sft))
+    out += [(name, ev["model"]) for name, ev in versions if ev.get("model", {}).get("safety")]
+    ctrl = _json(run / "control" / "eval" / "eval.json")
+    if ctrl and ctrl.get("baseline0", {}).get("safety"):
+        out.append(("control", ctrl["baseline0"]))
+    return out
+
+
+def _rate(d: dict) -> tuple[float, float, float, int, int]:
+    """(rate, CI low, CI high, n, violations) of a violation count: the 95% Wilson interval from n and
+    violations where `ci95` is missing (violations from the rate where they are)."""
+    n = int(d.get("n", 0))
+    rate = d.get("violation_rate")
+    v = d.get("violations")
+    if v is None:
+        v = round((rate or 0.0) * n)
+    if rate is None:
+        rate = v / n if n else 0.0
+    lo, hi = d.get("ci95") or wilson_interval(int(v), n)
+    return float(rate), float(lo), float(hi), n, int(v)
+
+
+def _rate_cell(d: dict | None) -> str:
+    if not d:
+        return "—"
+    r, lo, hi, n, v = _rate(d)
+    return f"{100 * r:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({v}/{n})"
+
+
+def _bars(ax, groups: list[str], series: list[tuple[str, dict]], title: str) -> None:
+    """Grouped bars of violation rate (%) with their 95% intervals: one group per key, one bar per
+    (label, {key: counts}) series; a missing key leaves a gap."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, by) in enumerate(series):
+        pts = [(g, _rate(by[k])) for g, k in enumerate(groups) if k in by]
+        if not pts:
+            continue
+        xs = [g - 0.4 + width * (i + 0.5) for g, _ in pts]
+        ys = [100 * r[0] for _, r in pts]
+        err = [[100 * (r[0] - r[1]) for _, r in pts], [100 * (r[2] - r[0]) for _, r in pts]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(groups)), [g.replace("_", " ") for g in groups], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("violation rate (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot_safety_vs_helpfulness(models: list[tuple[str, dict]]) -> str:
+    """Figure 17's analogue: overall violation rate against mean helpfulness (graders), per model."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, m in models:
+        r, lo, hi, _, _ = _rate(m["safety"])
+        ax.errorbar([m.get("helpfulness", 0.0)], [100 * r], yerr=[[100 * (r - lo)], [100 * (hi - r)]], fmt="o",
+                    capsize=3, label=label)
+    ax.set_xlabel("mean helpfulness (graders)")
+    ax.set_ylabel("violation rate (%), 95% CI")
+    ax.set_title("Violation rate vs helpfulness per model (Figure 17)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _safety_table(models: list[tuple[str, dict]]) -> str:
+    rows = []
+    for label, m in models:
+        s = m["safety"]
+        _, _, _, n, v = _rate(s)
+        rows.append([label, n, v, _rate_cell(s), s.get("mean_rating", "—"), s.get("percent_agreement", "—"),
+                     s.get("ac1", "—"), s.get("ac2_ordinal", "—")])
+    return _table(rows, ["model", "adversarial prompts", "violations", "violation rate, 95% CI",
+                         "mean Likert rating", "percent agreement", "Gwet AC1", "Gwet AC2 (ordinal)"])
+
+
+def _per_turn(mt: dict) -> list[tuple[str, dict]]:
+    """The multi-turn evaluation's per-turn counts, as (turn, counts), whether a list or a mapping."""
+    per = mt.get("per_turn") or []
+    items = per.items() if isinstance(per, dict) else ((str(d.get("turn", i + 1)) if isinstance(d, dict) else str(i + 1), d)
+                                                      for i, d in enumerate(per))
+    return [(str(k), d) for k, d in items if isinstance(d, dict) and "n" in d]
+
+
+def multi_turn_safety(models: list[tuple[str, dict]]) -> str:
+    """Figure 18's analogue, where the evaluation has `safety_multi_turn`: single-turn against
+    multi-turn violation rates per model, and per turn of the adversarial dialogs."""
+    models = [(label, m) for label, m in models if m.get("safety_multi_turn")]
+    if not models:
+        return ""
+    fig = Figure(figsize=(max(4.0, 1.2 * len(models) + 2), 3.2))
+    ax = fig.subplots()
+    labels = [label for label, _ in models]
+    _bars(ax, labels, [("single-turn", {label: m["safety"] for label, m in models}),
+                       ("multi-turn", {label: m["safety_multi_turn"] for label, m in models})],
+          "Single-turn vs multi-turn violation rate (Figure 18)")
+    rows = [[label, _rate_cell(m["safety"]), _rate_cell(m["safety_multi_turn"])] for label, m in models]
+    parts = [f"<h3>Single-turn and multi-turn adversarial prompts (Figure 18)</h3><img src='{_png(fig)}'>",
+             _table(rows, ["model", "single-turn violation rate, 95% CI (violations/n)",
+                           "multi-turn violation rate, 95% CI (violations/n)"])]
+    turns = sorted({t for _, m in models for t, _ in _per_turn(m["safety_multi_turn"])}, key=lambda t: (len(t), t))
+    if turns:
+        per = {label: dict(_per_turn(m["safety_multi_turn"])) for label, m in models}
+        parts.append(_table([[t] + [_rate_cell(per[label].get(t)) for label in labels] for t in turns],
+                            ["turn"] + [f"{label}: violation rate, 95% CI" for label in labels]))
+    return "".join(parts)
+
+
+def risk_breakdown(models: list[tuple[str, dict]]) -> str:
+    """Figure 19's analogue: violation rate per risk category and per attack vector, per model."""
+    models = [(label, m) for label, m in models if m.get("safety_breakdown")]
+    panels = [(key, title) for key, title in (("by_risk_category", "per risk category"),
+                                              ("by_attack_vector", "per attack vector"))
+              if any(m["safety_breakdown"].get(key) for _, m in models)]
+    if not panels:
+        return ""
+    fig = Figure(figsize=(6 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    tables = []
+    for ax, (key, title) in zip(axes, panels):
+        groups = sorted({g for _, m in models for g in m["safety_breakdown"].get(key, {})})
+        series = [(label, m["safety_breakdown"].get(key, {})) for label, m in models]
+        _bars(ax, groups, series, f"violation rate {title} (Figure 19)")
+        tables.append(_table([[g] + [_rate_cell(by.get(g)) for _, by in series] for g in groups],
+                             [key.removeprefix("by_").replace("_", " ")]
+                             + [f"{label}: violation rate, 95% CI (violations/n)" for label, _ in series]))
+    return ("<h3>Violations per risk category and attack vector (Figure 19)</h3>"
+            f"<img src='{_png(fig)}'>" + "".join(tables))
+
+
+def _refusal_detector(run: Path) -> dict | None:
+    """The false-refusal detector's measured accuracy, where an evaluation recorded it."""
+    for _, ev in reversed(win_rates(run)):
+        for d in (ev.get("refusal_detector"), ev.get("model", {}).get("refusal_detector")):
+            if isinstance(d, dict) and "accuracy" in d:
+                return d
+    return None
+
+
+def false_refusal_line(run: Path, models: list[tuple[str, dict]]) -> str:
+    rates = [f"{html.escape(label)} {m['false_refusal_helpful']:.3f} / {m['false_refusal_borderline']:.3f}"
+             for label, m in models if "false_refusal_helpful" in m and "false_refusal_borderline" in m]
+    if not rates:
+        return ""
+    line = "False refusals (helpful / borderline prompts): " + "; ".join(rates) + "."
+    d = _refusal_detector(run)
+    if d:
+        ci = d.get("ci95")
+        line += (f" The refusal detector, measured on {d.get('n', '?')} labelled answers: accuracy "
+                 f"{d['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                 + "".join(f", {k} {d[k]:.3f}" for k in ("precision", "recall") if isinstance(d.get(k), (int, float)))
+                 + ".")
+    return f"<p class='refusals'>{line}</p>"
+
+
+def safety_evaluations(run: Path) -> str:
+    """§4.4 from the run's evaluations: violation rate against helpfulness per model (Figure 17),
+    single- vs multi-turn (Figure 18, where evaluated), per risk category and attack vector
+    (Figure 19), the raters' reliability and the false-refusal rates. Empty without a safety evaluation."""
+    models = safety_models(run)
+    if not models:
+        return ""
+    n = max(_rate(m["safety"])[3] for _, m in models)
+    return ("<h2>Safety evaluations (§4.4)</h2>"
+            f"<p>Adversarial evaluation prompts (up to {n} per model), each answer rated by three simulated raters "
+            "on a 5-point Likert scale; a violation is a majority rating of 1 or 2; 95% Wilson intervals.</p>"
+            f"<img src='{plot_safety_vs_helpfulness(models)}'>" + _safety_table(models)
+            + false_refusal_line(run, models) + multi_turn_safety(models) + risk_breakdown(models))
+
+
+def diversity_section(run: Path) -> str:
+    """The `diversity` stage's Self-BLEU per model, prompt type and temperature (§5.1, Figure 21)."""
+    result = _json(run / "diversity" / "diversity.json")
+    if not result or not result.get("models"):
+        return ""
+    labels = result.get("labels") or {}
+    labelled = {**result, "models": {labels.get(p) or _model_label(run, p): by for p, by in result["models"].items()}}
+    buf = io.BytesIO()
+    plot_self_bleu(labelled, buf)
+    img = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    rows = [[label, kind] + [f"{r['self_bleu']:.1f}" for r in rows_]
+            for label, by in labelled["models"].items() for kind, rows_ in by.items()]
+    temps = [f"T={float(t):g}" for t in result.get("temperatures", [])]
+    return ("<h2>Diversity vs temperature (§5.1, Figure 21)</h2>"
+            f"<p>Self-BLEU (0–100, lower is more diverse) of {result.get('samples')} answers per prompt at each "
+            f"temperature, averaged over {', '.join(f'{len(v)} {k}' for k, v in result.get('prompts', {}).items())} "
+            "prompts.</p>" f"<img src='{img}'>" + _table(rows, ["model", "prompts"] + temps))
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """The page leads with the answer (the headline table, per family), then the plots, then
     example answers side by side; the raw summary comes last."""
@@ -432,8 +646,10 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         if fn is plot_reward_accuracy:
             parts.append(reward_scaling(run))
     parts.append(multi_turn_section(run))
+    parts.append(safety_evaluations(run))
     parts.append(safety_sections(run))
     parts.append(safety_scaling_section(run))
+    parts.append(diversity_section(run))
     side_by_side = examples(run, summary)
     if side_by_side:
         parts.append("<h2>Example answers: SFT and the final model on the same evaluation prompts</h2>" + side_by_side)

@@ -296,3 +296,47 @@ def test_context_distillation_and_red_teaming_stages(tmp_path, world_dir, tiny_p
         second["previous_violations"]["prompts"] == first["violating"]
     page = write_report(run.root).read_text()
     assert "Safety context distillation (v1, Figure 16)" in page and "Red-teaming rounds" in page
+
+
+def test_diversity_stage(tmp_path, world_dir, tiny_policy):
+    """`diversity: true` adds the `diversity` stage after the control: Self-BLEU vs temperature (Figure 21)
+    of the SFT model, every version's final model and the control, each named by its stage in
+    RUN/diversity/diversity.json and in the report; its options are checked before any work starts."""
+    import shutil
+
+    from llama2.pipeline import Run, run_stage
+    from llama2.report import write_report
+
+    cfg = load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'run'}", "diversity=true"])
+    names = stage_names(cfg)
+    assert names.index("control.eval") < names.index("diversity") == len(names) - 2 and names[-1] == "summary"
+    assert "diversity" not in stage_names(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}"]))
+    with pytest.raises(ConfigError, match="samples=1"):
+        check(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "diversity_options.samples=1"]))
+    with pytest.raises(ConfigError, match="diversity_options.*unknown key 'sample'"):
+        check(load_config(PipelineConfig, TINY, [f"out_dir={tmp_path / 'x'}", "diversity_options.sample=3"]))
+
+    cfg = load_config(PipelineConfig, TINY, [
+        f"out_dir={tmp_path / 'run'}", "versions=1", "diversity=true", "diversity_options.samples=2",
+        "diversity_options.temperatures=[0.7]", "diversity_options.prompts_per_type=2",
+        "diversity_options.max_new_tokens=6", "device=cpu"])
+    check(cfg)
+    run = Run(cfg)
+    shutil.copytree(world_dir, run.world)
+    v1 = shutil.copytree(tiny_policy, run.root / "v1" / "ppo" / "final")
+    run.finish("sft", {"model": str(tiny_policy)}, 0.0)
+    run.finish("v1.eval", {"model_path": str(v1)}, 0.0)
+    run.finish("control", {"model": str(tiny_policy)}, 0.0)  # the same model twice is sampled once
+    got = run_stage(run, cfg, "diversity", run.stage_dir("diversity"), False)
+    result = json.loads(Path(got["diversity"]).read_text())
+    assert got["models"] == {"SFT": str(tiny_policy), "v1": str(v1), "control": str(tiny_policy)}
+    assert result["labels"] == {str(tiny_policy): "SFT", str(v1): "v1"}
+    assert set(result["models"]) == {str(tiny_policy), str(v1)}
+    for by_type in result["models"].values():
+        assert {k: [r["temperature"] for r in rows] for k, rows in by_type.items()} == {"factual": [0.7],
+                                                                                       "creative": [0.7]}
+        assert all(0 <= r["self_bleu"] <= 100 and r["prompts"] == 2 for rows in by_type.values() for r in rows)
+    assert (run.root / "diversity" / "self_bleu.png").stat().st_size > 1000
+    page = write_report(run.root).read_text()
+    assert "Diversity vs temperature (§5.1, Figure 21)" in page
+    assert "<tr><td>SFT</td><td>factual</td>" in page and "<tr><td>v1</td><td>creative</td>" in page
