@@ -29,6 +29,8 @@ RLHF: Table = {
 EVALUATE: Table = {
     "multi-turn": ("llama2.recipes.multi_turn:cli", "does a system instruction hold turn after turn (§3.3, Figure 10)"),
     "diversity": ("llama2.recipes.diversity:cli", "Self-BLEU vs temperature, factual vs creative prompts (§5.1, Figure 21)"),
+    "refusal-detector": ("llama2.recipes.evaluate:refusal_detector_cli",
+                         "accuracy of the refusal detector (false-refusal judge) on labelled answers"),
 }
 DATA: Table = {
     "validate": ("llama2.formats:validate_cli", "check data files against their formats (pretrain/sft/prompts/preferences)"),
@@ -100,7 +102,8 @@ def dispatch(prog: str, table: Table, argv: list[str]) -> int:
 
 
 def evaluate_cli(argv: list[str]) -> int:
-    """`llama2 evaluate multi-turn|diversity ...` are subcommands; anything else is the win-rate evaluation."""
+    """`llama2 evaluate multi-turn|diversity|refusal-detector ...` are subcommands; anything else is the
+    win-rate evaluation."""
     if argv and argv[0] in EVALUATE:
         return dispatch("llama2 evaluate", EVALUATE, argv)
     return int(load_object("llama2.recipes.evaluate:cli", "llama2 evaluate")(argv) or 0)

@@ -5,7 +5,7 @@ world and for a user's own data:
   pretrain     {"text", "source"?}                                          (Llama 2 §2)
   sft          {"id", "messages" ending with assistant, "source", "split", "task"?}   (§3.1)
   prompts      {"id", "messages" ending with user, "split", "batch", "is_safety",
-                "risk_category", "attack_vector", "task", "reference"}       (§3.2, §4)
+                "risk_category", "attack_vector", "task", "reference", "user_turns"?}   (§3.2, §4)
   preferences  {"id", "messages" ending with user, "chosen", "rejected", "rating", "axis",
                 "safety_label", "source", "batch", "split", "task"?}         (§3.2.1)
 Every record may also carry "meta" (any JSON object) for the user's own bookkeeping; any other
@@ -90,7 +90,7 @@ FIELDS = {  # kind -> (required fields, optional fields)
     "pretrain": ({"text"}, {"source", "meta"}),
     "sft": ({"id", "messages", "source", "split"}, {"task", "meta"}),
     "prompts": ({"id", "messages", "split", "batch", "is_safety", "risk_category", "attack_vector", "task",
-                 "reference"}, {"meta"}),
+                 "reference"}, {"meta", "user_turns"}),
     "preferences": ({"id", "messages", "chosen", "rejected", "rating", "axis", "safety_label", "source", "batch",
                      "split"}, {"task", "meta"}),
 }
@@ -199,6 +199,24 @@ def _check_optional_task(obj: dict) -> None:
         _need_str(obj, "task")
 
 
+def _check_user_turns(obj: dict) -> None:
+    """A multi-turn prompt's user turns, said one after the other (the model answers each): a
+    non-empty list of non-empty strings, the first of which is the prompt's last user message."""
+    turns = obj["user_turns"]
+    if not isinstance(turns, list):
+        raise FieldError("user_turns", f"must be a non-empty list of strings, got {_type(turns)}")
+    if not turns:
+        raise FieldError("user_turns", "must be a non-empty list of strings, got an empty list")
+    for i, t in enumerate(turns):
+        if not isinstance(t, str):
+            raise FieldError(f"user_turns[{i}]", f"must be a string, got {_type(t)}")
+        if not t.strip():
+            raise FieldError(f"user_turns[{i}]", "must not be empty")
+        _no_tags(t, f"user_turns[{i}]")
+    if turns[0] != obj["messages"][-1]["content"]:
+        raise FieldError("user_turns[0]", "must be the prompt's last user message (messages holds the first turn)")
+
+
 def check_record(obj, kind: str) -> None:
     """Raise `FieldError` for the first problem of `obj` as a record of `kind`."""
     if not isinstance(obj, dict):
@@ -242,6 +260,8 @@ def check_record(obj, kind: str) -> None:
         _need_str(obj, "task")
         if not isinstance(obj["reference"], dict):
             raise FieldError("reference", f"must be an object, got {_type(obj['reference'])}")
+        if "user_turns" in obj:
+            _check_user_turns(obj)
         return
     # preferences
     chosen, rejected = _need_str(obj, "chosen"), _need_str(obj, "rejected")

@@ -319,7 +319,7 @@ def test_world_command(tmp_path):
     out = tmp_path / "w"
     assert main(["world", "generate", "--out", str(out), "--seed", "3", "--corpus-chars", "50000", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seed"] == 3 and len(manifest["files"]) == 14
+    assert manifest["seed"] == 3 and len(manifest["files"]) == 15
     with pytest.raises(SystemExit) as e:
         main(["world", "generate", "--out", str(out), "--size", "huge"])
     assert e.value.code == 2

@@ -297,7 +297,8 @@ def violation_report(records: Sequence[dict], responses: Sequence[str], rng: ran
             counts["n"] += 1
             counts["violations"] += v.violation
     return {
-        "n": len(votes), "violation_rate": sum(v.violation for v in votes) / len(votes),
+        "n": len(votes), "violations": sum(v.violation for v in votes),
+        "violation_rate": sum(v.violation for v in votes) / len(votes),
         "mean_rating": sum(v.majority for v in votes) / len(votes),
         "percent_agreement": ac1.pa, "ac1": ac1.coefficient, "ac2_ordinal": ac2.coefficient,
         "by": {f: dict(sorted(c.items())) for f, c in by.items()},

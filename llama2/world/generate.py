@@ -9,6 +9,8 @@
                                    `batch` says which weekly batch a prompt belongs to (§3.2.1)
   OUT/prompts/test_batch{k}.jsonl  the held-out test prompts of batch k
   OUT/prompts/eval.jsonl           evaluation prompts: entities and instances never trained on
+  OUT/prompts/adversarial_multi_turn_eval.jsonl  escalating three-turn attacks (eval templates;
+                                   `user_turns`), about two per harmful request (§4.4, Figure 17)
   OUT/preferences/offline_{train,test}.jsonl  gold-vs-corrupted pairs (pairs.py), for testing
                                    reward-model code before any model exists
   OUT/gatt/train.jsonl, eval.jsonl multi-turn dialogs under a system instruction (gatt.py, §3.3):
@@ -32,6 +34,7 @@ from llama2 import progress_bars
 from llama2.formats import write_jsonl
 from llama2.world import corpus, gatt, safety
 from llama2.world.pairs import offline_preference_pairs
+from llama2.world.safety_data import HARMS
 from llama2.world.tasks import FAMILIES, HELPFULNESS_TASKS, Example
 from llama2.world.universe import SIZES, Universe, build_universe
 
@@ -58,6 +61,8 @@ BORDERLINE_SHARE = 0.10
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful, honest and careful assistant.",
                   "Answer briefly and correctly.", "You are a friendly assistant. Keep answers short.")
 SYSTEM_SHARE = 0.08
+# Escalating multi-turn attacks per harmful request in the evaluation file (§4.4).
+MULTI_TURN_PER_HARM = 2
 
 
 def _rng(seed: int, part: str) -> random.Random:
@@ -197,6 +202,10 @@ def generate_world(out, seed: int = 0, size: str = "tiny", quiet: bool = False,
     eval_recs = _number(prompt_set(_rng(seed, "eval"), u, "eval", plan["eval"], None, set()), "prompt-eval")
     write("prompts/eval.jsonl", "prompts", eval_recs,
           "evaluation prompts: held-out people, places and task instances, never used in training")
+    write("prompts/adversarial_multi_turn_eval.jsonl", "prompts",
+          safety.multi_turn_prompts(_rng(seed, "adversarial-multi-turn-eval"), MULTI_TURN_PER_HARM * len(HARMS),
+                                    "eval"),
+          "escalating multi-turn attacks (innocuous question, framing, request): `user_turns`, eval only")
 
     # -- offline contrastive preference pairs from gold vs corrupted answers
     test_prompts = [r for b in range(1, plan["batches"] + 1)
