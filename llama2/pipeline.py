@@ -506,7 +506,11 @@ def stage_multi_turn(run: Run, cfg: PipelineConfig, out: Path, model: str, basel
 
 
 def stage_eval(run: Run, cfg: PipelineConfig, out: Path, model: str, baselines: list[str], rms: dict) -> dict:
+    # the world's escalating multi-turn attacks (§4.4, Figure 18) unless the evaluate block names others
+    attacks = cfg.evaluate.get("multi_turn_prompts") or [
+        p for p in run.files([], "prompts/adversarial_multi_turn_eval.jsonl") if Path(p).is_file()]
     ec = from_dict(EvaluateConfig, {**cfg.evaluate, "out_dir": str(out), "model": model, "baselines": baselines,
+                                    "multi_turn_prompts": attacks,
                                     "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"),
                                     "helpfulness_rm": rms.get("helpfulness", ""), "safety_rm": rms.get("safety", ""),
                                     "seed": cfg.seed, "answers_cache": str(run.root / "eval_answers")},
