@@ -15,8 +15,9 @@ built-in world -> tokenizer -> pretraining -> SFT -> for each RLHF version V1…
     -> evaluation against the SFT model (§3.4)
 -> with `redteam`, two red-teaming rounds (§4.3): against the SFT model, then against the final
    model with the first round's violating prompts (the share it now mitigates)
--> with `safety_scaling`, the safety-data scaling study (§4.2.3, Figures 15 and 33): the SFT model
-   tuned on its best answers with 0 ... 100% of the safety data, judged by the final reward models
+-> with `safety_scaling`, the safety-data scaling study (§4.2.3, Figures 15 and 33): with the
+   helpfulness data fixed, 0 ... 100% of the safety data (the SFT model's best answers, or with
+   `tuning: sft` the SFT dialogs on the pretrained model), judged by the final reward models
 -> a compute-matched control (the SFT model trained on as many more steps of SFT data)
 -> with `diversity`, Self-BLEU against temperature on factual and creative prompts (§5.1, Figure 21)
    for the SFT model, every version's final model and the control
@@ -468,6 +469,11 @@ def stage_safety_scaling(run: Run, cfg: PipelineConfig, out: Path, sft_model: st
     under the final reward models, fine-tuned on with each share of the safety answers, measured on
     the evaluation prompts."""
     over = dict(cfg.safety_scaling_options)
+    if over.get("tuning") == "sft":
+        # §4.2.3 as the paper ran it: the pretrained model fine-tuned by §3.1's procedure (this run's
+        # SFT settings) on the run's helpfulness SFT dialogs and a share of its safety ones
+        over = {"data": run.files(cfg.sft_train, "sft/train.jsonl"), "init": run.output("pretrain"), **over,
+                "sft": {**cfg.sft, **over.get("sft", {})}}
     if "sft" in over:
         over["sft"] = with_pretrain_tokens(run, over["sft"])
     sc = from_dict(safety_scaling.SafetyScalingConfig,

@@ -1,5 +1,6 @@
 """The safety-data scaling study (§4.2.3, Figures 15 and 33): nested data shares, the measures, a run."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -120,17 +121,30 @@ def test_sft_tuning_runs_every_share_and_a_rerun_reuses_them(world_dir, tiny_pol
             world_dir, tiny_policy, out, "tuning=sft", f"data=[{data}]", "shares=[0.0,0.5]", "seed=1")))
 
 
-def test_rejection_sampling_tuning_from_the_cli(world_dir, tiny_policy, tmp_path):
+def test_rejection_sampling_tuning_from_the_cli_resumes_exactly_after_a_kill(world_dir, tiny_policy, tmp_path):
+    def run(out, env=None):
+        return subprocess.run(
+            [sys.executable, "-m", "llama2", "study", "safety-scaling", *small_overrides(
+                world_dir, tiny_policy, out, f"prompts=[{world_dir / 'prompts' / 'train.jsonl'}]",
+                "max_helpful_prompts=8", "max_safety_prompts=4", "k=2", "max_new_tokens=8", "drop_truncated=false",
+                "chunk_prompts=4", "shares=[0.0,1.0]")],
+            capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, **(env or {})})
+
     out = tmp_path / "rs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "llama2", "study", "safety-scaling", *small_overrides(
-            world_dir, tiny_policy, out, f"prompts=[{world_dir / 'prompts' / 'train.jsonl'}]", "max_helpful_prompts=8",
-            "max_safety_prompts=4", "k=2", "max_new_tokens=8", "drop_truncated=false", "shares=[0.0,1.0]")],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
+    killed = run(out, {"LLAMA2_KILL_AT_SAMPLE_CHUNK": "2"})  # SIGKILL after the 2nd of 3 sampling chunks
+    assert killed.returncode == -9 and not (out / "pool.jsonl").exists()
+    proc = run(out)  # the same command again continues: the 2 chunks written are kept
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 of 3 chunks already sampled" in proc.stderr
     study = json.loads((out / "safety_scaling.json").read_text())
     pool = [json.loads(x) for x in (out / "pool.jsonl").read_text().splitlines()]
     assert study["safety_examples"] == sum(e["is_safety"] for e in pool) <= 4
     assert study["helpfulness_examples"] == sum(not e["is_safety"] for e in pool) <= 8
     assert [r["safety_examples"] for r in study["results"]] == [0, study["safety_examples"]]
     assert "100% safety" in proc.stdout
+    clean = tmp_path / "clean"
+    assert run(clean).returncode == 0  # never killed: the same data and the same measurements
+    assert (clean / "pool.jsonl").read_text() == (out / "pool.jsonl").read_text()
+    again = json.loads((clean / "safety_scaling.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "model"} for r in again["results"]] == \
+        [{k: v for k, v in r.items() if k != "model"} for r in study["results"]]
