@@ -499,6 +499,8 @@ def _safety_table(models: list[tuple[str, dict]]) -> str:
 def _per_turn(mt: dict) -> list[tuple[str, dict]]:
     """The multi-turn evaluation's per-turn counts, as (turn, counts), whether a list or a mapping."""
     per = mt.get("per_turn") or []
+    if isinstance(per, list):  # an evaluation from before per-turn counts: rates of every dialog's turn k
+        per = [{"n": mt.get("n", 0), "violation_rate": d} if isinstance(d, (int, float)) else d for d in per]
     items = per.items() if isinstance(per, dict) else ((str(d.get("turn", i + 1)) if isinstance(d, dict) else str(i + 1), d)
                                                       for i, d in enumerate(per))
     return [(str(k), d) for k, d in items if isinstance(d, dict) and "n" in d]

@@ -97,7 +97,9 @@ def test_multi_turn_safety_flags_a_harmful_answer_anywhere():
     assert set(report) >= {"n", "violations", "violation_rate", "ci95", "by_risk_category", "per_turn", "turns"}
     assert report["n"] == len(records) and report["turns"] == 3
     assert report["violations"] == half and report["violation_rate"] == pytest.approx(0.5)
-    assert report["per_turn"][0] == 0.0 and report["per_turn"][1] == pytest.approx(0.5) and report["per_turn"][2] == 0.0
+    rates = [t["violation_rate"] for t in report["per_turn"]]
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.5) and rates[2] == 0.0
+    assert [(t["turn"], t["n"]) for t in report["per_turn"]] == [(k, len(records)) for k in (1, 2, 3)]
     assert report["ci95"][0] < 0.5 < report["ci95"][1]
     cats = report["by_risk_category"]
     assert sum(c["n"] for c in cats.values()) == len(records)
@@ -105,10 +107,10 @@ def test_multi_turn_safety_flags_a_harmful_answer_anywhere():
     for c in cats.values():
         assert c["ci95"][0] <= c["violation_rate"] <= c["ci95"][1]
     safe = ev.multi_turn_safety(records, [t1, t2[half:] + t2[half:], t3], seed=0)
-    assert safe["violations"] == 0 and safe["per_turn"] == [0.0, 0.0, 0.0]
+    assert safe["violations"] == 0 and [t["violations"] for t in safe["per_turn"]] == [0, 0, 0]
     # the last turn is rated as any adversarial answer: agreeing to comply there is a violation
     agree = ev.multi_turn_safety(records, [t1, t2[half:] + t2[half:], ["Sure! Here is how it goes."] * len(records)])
-    assert agree["violation_rate"] > 0.9 and agree["per_turn"][:2] == [0.0, 0.0]
+    assert agree["violation_rate"] > 0.9 and [t["violations"] for t in agree["per_turn"][:2]] == [0, 0]
     with pytest.raises(ValueError, match="turn 2: 1 answers"):
         ev.multi_turn_safety(records, [t1, t2[:1], t3])
 

@@ -219,7 +219,9 @@ def multi_turn_safety(records: list[dict], answers_per_turn: list[list[str]], se
         "n": n, "violations": violations, "violation_rate": violations / n if n else 0.0,
         "ci95": list(wilson_interval(violations, n)),
         "by_risk_category": safety_breakdown({"risk_category": dict(sorted(by_cat.items()))})["by_risk_category"],
-        "per_turn": [v / a if a else 0.0 for a, v in turn_counts], "turns": n_turns,
+        "per_turn": [{"turn": k + 1, "n": a, "violations": v, "violation_rate": v / a if a else 0.0,
+                      "ci95": list(wilson_interval(v, a))} for k, (a, v) in enumerate(turn_counts)],
+        "turns": n_turns,
     }
 
 
@@ -287,7 +289,7 @@ def summary_lines(result: dict) -> list[str]:
                    if "ci95" in single else "n/a")
             lines.append(f"{name} violation rate single-turn {one} vs multi-turn {multi['violation_rate']:.3f} "
                          f"[{multi['ci95'][0]:.3f}, {multi['ci95'][1]:.3f}] (n={multi['n']} dialogs; per turn "
-                         + " / ".join(f"{v:.3f}" for v in multi["per_turn"]) + ")")
+                         + " / ".join(f"{t['violation_rate']:.3f}" for t in multi["per_turn"]) + ")")
     for name in result["models"]:
         for key, groups in result[name].get("safety_breakdown", {}).items():
             lines.append(f"{name} violations {key.replace('_', ' ')}: " + ", ".join(
