@@ -15,6 +15,7 @@ other weights give AC2 (ordinal scales such as the 5-point Likert ratings).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from math import comb
 from typing import NamedTuple
@@ -112,3 +113,14 @@ def gwet_ac2(ratings: Ratings, categories: Sequence | None = None, weights: str 
 def percent_agreement(ratings: Ratings, categories: Sequence | None = None) -> float:
     """Share of agreeing rater pairs per subject, averaged over subjects with two or more ratings."""
     return gwet(ratings, categories, "identity").pa
+
+
+def wilson_interval(wins: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion wins / n (good near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # The interval holds p; at p = 0 or 1 its edge is p exactly (rounding would leave it 1e-16 short).
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))

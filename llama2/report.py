@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 
 from llama2.formats import AXES, RATINGS, read_records
 from llama2.recipes.diversity import plot_self_bleu
-from llama2.recipes.evaluate import wilson_interval, win_rate
+from llama2.agreement import wilson_interval
+from llama2.recipes.evaluate import win_rate
 from llama2.recipes.reward_scaling import plot_scaling, table_rows
 from llama2.world.grading import grade_helpfulness
 

@@ -94,7 +94,7 @@ def test_pipeline_end_to_end_with_kills_equals_an_uninterrupted_run(tmp_path):
         assert got[name] == expected[name], name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["versions"]) == {"v1", "v2"} and "final_vs_control" in summary
-    from llama2.recipes.evaluate import wilson_interval
+    from llama2.agreement import wilson_interval
 
     for judge in ("graders", "reward_models"):
         w = summary["versions"]["v2"]["win_rate_vs_sft"][judge]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from llama2.formats import read_records
-from llama2.recipes.evaluate import safety_breakdown, wilson_interval, win_rate
+from llama2.agreement import wilson_interval
+from llama2.recipes.evaluate import safety_breakdown, win_rate
 from llama2.report import write_report
 from llama2.world.grading import grade_helpfulness
 from tests.conftest import chromium

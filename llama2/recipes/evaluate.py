@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from llama2.agreement import wilson_interval
 from llama2.config import ConfigError, save_config
 from llama2.formats import read_records
 from llama2.gated_reward import load_gated_reward
@@ -62,17 +62,6 @@ class EvaluateConfig:
     answers_cache: str = ""  # directory reusing a model's answers when model files, prompts and decoding match
     # multi-turn attack records (`user_turns`, e.g. WORLD/prompts/adversarial_multi_turn_eval.jsonl)
     multi_turn_prompts: list[str] = field(default_factory=list)
-
-
-def wilson_interval(wins: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion wins / n (good near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # The interval holds p; at p = 0 or 1 its edge is p exactly (rounding would leave it 1e-16 short).
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def win_rate(a: list[float], b: list[float], tie_margin: float = 0.0) -> dict:

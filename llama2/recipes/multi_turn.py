@@ -32,7 +32,7 @@ from llama2.config import ConfigError, load_config, save_config, to_dict
 from llama2.formats import read_records
 from llama2.inference import load_for_inference
 from llama2.model import Transformer, attention_probs
-from llama2.recipes.evaluate import wilson_interval
+from llama2.agreement import wilson_interval
 from llama2.recipes.gatt import (Instruction, check_kinds, instructed_dialog, model_answer_fn, read_instructions,
                                  world_instruction)
 from llama2.sampling import DialogSampler

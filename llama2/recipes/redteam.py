@@ -36,7 +36,7 @@ import yaml
 from llama2.config import ConfigError, load_config, save_config, to_dict
 from llama2.formats import read_records
 from llama2.recipes.common import split_overrides, write_atomic, write_jsonl_atomic
-from llama2.recipes.evaluate import wilson_interval
+from llama2.agreement import wilson_interval
 from llama2.sampling import sample_responses
 from llama2.train import derive_seed
 from llama2.world.annotators import LikertVote, RaterConfig, rate_likert

@@ -33,7 +33,7 @@ from llama2.formats import AXES, RATINGS, DataError, iter_rows, read_records
 from llama2.losses import MARGINS, ranking_loss
 from llama2.preference_data import PairData, PairLoader, accuracy_report, mix_pairs, read_pairs, tokenize_pairs
 from llama2.recipes.common import config_dict, kill_hook, place_model, recipe_cli, resume_latest
-from llama2.recipes.evaluate import wilson_interval
+from llama2.agreement import wilson_interval
 from llama2.reward_scoring import RewardScorer, pair_scores, reward_state
 from llama2.train import (Checkpointer, LossScaler, MetricsLogger, OptimConfig, Throughput, autocast, build_optimizer,
                           clip_grad_norm, lr_at, peak_flops, resolve_dtype, seed_everything, set_lr)

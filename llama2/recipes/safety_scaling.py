@@ -43,7 +43,8 @@ from llama2.gated_reward import load_gated_reward, load_scorer, prompt_axis, sco
 from llama2.inference import load_for_inference
 from llama2.recipes.best_of_n import load_prompt_records
 from llama2.recipes.common import open_run, recipe_cli, write_atomic, write_jsonl_atomic
-from llama2.recipes.evaluate import grader_report, wilson_interval
+from llama2.agreement import wilson_interval
+from llama2.recipes.evaluate import grader_report
 from llama2.recipes.rejection_sampling import (RejectionSamplingConfig, best_per_prompt, fine_tune_on, read_jsonl,
                                                sample_chunks, sft_record)
 from llama2.recipes.sft import SFTConfig

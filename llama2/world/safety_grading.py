@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from llama2.agreement import wilson_interval
 from llama2.world.grading import GRADERS, Grade, load_providers, register_grader
 from llama2.world.safety_data import BORDERLINE_BY_KEY, HARMS, NEED_KEYS
 
@@ -313,8 +314,6 @@ def refusal_detector_accuracy(labels_path=None) -> dict:
     """`is_refusal` against labelled answers (default: the shipped set, answers of the pipeline's
     models and hand-written hard cases, each labelled by reading it): accuracy with its 95% Wilson
     interval, precision and recall (refusal = positive), and the answers it gets wrong."""
-    from llama2.recipes.evaluate import wilson_interval
-
     rows = read_refusal_labels(labels_path)
     said = [is_refusal(r["text"]) for r in rows]
     tp = sum(s and r["refusal"] for s, r in zip(said, rows))
