@@ -12,12 +12,12 @@ The helpfulness graders of the `adversarial` and `borderline` tasks register wit
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import NamedTuple
 
 from llama2.agreement import wilson_interval
+from llama2.formats import DataError, iter_rows
 from llama2.world.grading import GRADERS, Grade, load_providers, register_grader
 from llama2.world.safety_data import BORDERLINE_BY_KEY, HARMS, NEED_KEYS
 
@@ -283,30 +283,22 @@ REFUSAL_LABELS = Path(__file__).with_name("refusal_labels.jsonl")
 
 
 def read_refusal_labels(path=None) -> list[dict]:
-    """Labelled answers `{"text", "refusal": true|false, ...}` (one JSON object a line); a problem
-    raises `ValueError` naming the file, the line and the field."""
+    """Labelled answers `{"text", "refusal": true|false, ...}` (JSONL or Parquet); a problem raises
+    `DataError` (a ValueError) naming the file, the line and the field."""
     path = Path(path) if path is not None else REFUSAL_LABELS
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise DataError(path, None, None, "no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: must be a JSON object with 'text' and 'refusal'")
-            if not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise ValueError(f"{where}, field 'text': must be a non-empty string, got {row.get('text')!r}")
-            if not isinstance(row.get("refusal"), bool):
-                raise ValueError(f"{where}, field 'refusal': must be true or false, got {row.get('refusal')!r}")
-            rows.append(row)
+    for line, row in iter_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(path, line, None, "must be a JSON object with 'text' and 'refusal'")
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(path, line, "text", f"must be a non-empty string, got {row.get('text')!r}")
+        if not isinstance(row.get("refusal"), bool):
+            raise DataError(path, line, "refusal", f"must be true or false, got {row.get('refusal')!r}")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no labelled answers")
+        raise DataError(path, None, None, "no labelled answers")
     return rows
 
 
