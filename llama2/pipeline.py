@@ -47,7 +47,6 @@ from llama2.formats import AXES, read_records, write_jsonl
 from llama2.gated_reward import prompt_axis
 from llama2.recipes import (context_distill, diversity, gatt, multi_turn, ppo, pretrain, redteam, rejection_sampling,
                             reward_model, reward_scaling, safety_scaling, sft)
-from llama2.recipes.common import write_atomic
 from llama2.recipes.evaluate import EvaluateConfig, compare_models, summary_lines
 from llama2.report import REWARD_SCALING_DIR, write_report
 from llama2.sampling import sample_responses
@@ -492,12 +491,7 @@ def stage_diversity(run: Run, cfg: PipelineConfig, out: Path, models: dict[str, 
                    {**cfg.diversity_options, "out_dir": str(out), "models": list(dict.fromkeys(models.values())),
                     "prompts": run.files(cfg.eval_prompts, "prompts/eval.jsonl"), "seed": cfg.seed,
                     "device": cfg.device}, "pipeline.diversity_options")
-    result = diversity.main(dc)
-    result["labels"] = {path: label for label, path in reversed(models.items())}
-    write_atomic(out / "diversity.json", json.dumps(result, indent=1) + "\n")
-    # the figure again, each model named by its stage rather than its path
-    diversity.plot_self_bleu({**result, "models": {result["labels"][p]: by for p, by in result["models"].items()}},
-                             out / "self_bleu.png")
+    diversity.main(dc, labels={path: label for label, path in reversed(models.items())})
     return {"diversity": str(out / "diversity.json"), "models": models}
 
 

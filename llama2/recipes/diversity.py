@@ -139,9 +139,11 @@ def check_config(cfg: DiversityConfig) -> None:
         raise ConfigError("prompts_per_type must be >= 1")
 
 
-def main(cfg: DiversityConfig, sample_fns: dict[str, SampleFn] | None = None) -> dict:
+def main(cfg: DiversityConfig, sample_fns: dict[str, SampleFn] | None = None,
+         labels: dict[str, str] | None = None) -> dict:
     """Self-BLEU per model, prompt type and temperature; `sample_fns` (model -> SampleFn) replaces
-    loading the models (tests)."""
+    loading the models (tests); `labels` (model path -> name, e.g. a pipeline stage's) names the
+    models in the figure and is kept in diversity.json."""
     check_config(cfg)
     out = Path(cfg.out_dir)
     records = [r for p in cfg.prompts for r in read_records(p, "prompts")]
@@ -155,8 +157,11 @@ def main(cfg: DiversityConfig, sample_fns: dict[str, SampleFn] | None = None) ->
         for kind, rows in result["models"][name].items():
             print(f"[diversity] {name} {kind}: Self-BLEU " + ", ".join(
                 f"T={r['temperature']:g} {r['self_bleu']:.1f}" for r in rows), flush=True)
+    if labels:
+        result["labels"] = dict(labels)
     out.mkdir(parents=True, exist_ok=True)
-    plot_self_bleu(result, out / "self_bleu.png")
+    plot_self_bleu({**result, "models": {(labels or {}).get(p, p): by for p, by in result["models"].items()}},
+                   out / "self_bleu.png")
     write_atomic(out / "diversity.json", json.dumps(result, indent=1) + "\n")
     save_config(cfg, out / "config.yaml")
     print(f"[diversity] wrote {out / 'diversity.json'}, {out / 'self_bleu.png'}", flush=True)
