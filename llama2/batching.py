@@ -89,8 +89,9 @@ class BatchEngine:
     "cancelled"). `max_batch` bounds the rows decoded together; more sequences wait in the queue.
     """
 
-    def __init__(self, model: Transformer, tokenizer, max_batch: int = 64, packed: bool | None = None):
-        self.decoder = Decoder(model, tokenizer, packed=packed)
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = 64, packed: bool | None = None,
+                 compile: bool = False):
+        self.decoder = Decoder(model, tokenizer, packed=packed, compile=compile)
         self.model, self.tokenizer = model, tokenizer
         self.args = model.args
         self.max_batch = max_batch

@@ -11,6 +11,7 @@ import sys
 import time
 
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
+from llama2.compiled_decode import COMPILE_HELP
 from llama2.generation import Decoder, GenerationStats, SamplingParams
 from llama2.inference import load_for_inference
 from llama2.tokenizer import StreamDecoder
@@ -30,6 +31,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="load quantized weights (a quantized native checkpoint, a Q8_0/Q4_0/Q4_1 GGUF) as float "
                         "of --dtype instead of keeping them int8/int4")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def sampling_params(a, fmt: ChatFormat | None, tok) -> SamplingParams:
@@ -86,7 +88,7 @@ def generate_cli(argv: list[str]) -> int:
     else:
         ids = tok.encode(a.prompt, bos=getattr(tok, "add_bos", True))
     params = sampling_params(a, fmt, tok)
-    gen = Decoder(model, tok)
+    gen = Decoder(model, tok, compile=a.compile)
     stats = GenerationStats()
     stream = not (a.json or a.no_stream)
     on_token, finish = stream_printer(tok) if stream else (None, None)
@@ -122,7 +124,7 @@ def cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model, a.device, a.dtype, a.dequantize)
     fmt = ChatFormat(tok, a.format)
-    gen = Decoder(model, tok)
+    gen = Decoder(model, tok, compile=a.compile)
     params = sampling_params(a, fmt, tok)
     system = a.system
     history: Dialog = []

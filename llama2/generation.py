@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from llama2.compiled_decode import CompiledDecode
 from llama2.model import KVCache, Transformer
 from llama2.packed_decode import PackedModel
 
@@ -102,20 +103,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class Decoder:
     """Generates continuations of token-id prompts with one model (and optionally its tokenizer).
 
-    `packed`: decode with a PackedModel copy (default: on CPU, where it is faster). Call
-    `refresh()` after the model's weights change (e.g. between RLHF iterations).
+    `packed`: decode with a PackedModel copy (default: on CPU, where it is faster). `compile`:
+    decode single rows with the compiled step of `llama2.compiled_decode` (fp32 or quantized CPU
+    models; compiled on first use, then cached by inductor on disk); batches and prefill stay
+    eager. Call `refresh()` after the model's weights change (e.g. between RLHF iterations).
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, packed: bool | None = None):
+    def __init__(self, model: Transformer, tokenizer=None, packed: bool | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.packed = self.device.type == "cpu" if packed is None else packed
+        self.compile = compile
         self.refresh()
 
     def refresh(self) -> None:
         self._forward = PackedModel(self.model) if self.packed else self.model
+        self._compiled = CompiledDecode(self.model) if self.compile else None
 
     PREFILL_GROUP = 16  # rows per prefill group when grouping saves padding (see `prefill`)
 
@@ -161,6 +166,8 @@ class Decoder:
     def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step for every row: token (B,), position (B,) -> logits (B, V)."""
         cache.key_mask[:, cache.length] = True
+        if self._compiled is not None and token.shape[0] == 1:
+            return self._compiled(token, position, cache)
         return self._forward(token[:, None], positions=position[:, None], cache=cache, last_only=True)[:, -1]
 
     @torch.inference_mode()

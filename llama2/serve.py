@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from llama2.batching import BatchEngine, Event, FinishEvent, TokenEvent
 from llama2.chat_format import ChatFormat, ChatFormatError, Dialog
+from llama2.compiled_decode import COMPILE_HELP
 from llama2.config import load_object
 from llama2.generation import SamplingParams
 from llama2.inference import load_for_inference
@@ -298,10 +299,11 @@ class SlotResponse(StreamingResponse):
 
 class Server:
     def __init__(self, model, tokenizer, fmt: ChatFormat, model_name: str, limits: Limits,
-                 api_key: str | None = None, safety: SafetyFilter | None = None, max_batch: int = 64):
+                 api_key: str | None = None, safety: SafetyFilter | None = None, max_batch: int = 64,
+                 compile: bool = False):
         self.model, self.tokenizer, self.fmt, self.model_name = model, tokenizer, fmt, model_name
         self.limits, self.api_key, self.safety = limits, api_key, safety
-        self.engine = BatchEngine(model, tokenizer, max_batch=max_batch)
+        self.engine = BatchEngine(model, tokenizer, max_batch=max_batch, compile=compile)
         self.metrics = Metrics()
         self.inflight = 0
         self.created = int(time.time())
@@ -718,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--dequantize", action="store_true",
                    help="load quantized weights as float of --dtype instead of keeping them int8/int4")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -744,7 +747,7 @@ def cli(argv: list[str]) -> int:
         safety = SafetyFilter(load_object(a.safety_classifier, "--safety-classifier"), a.safety_threshold)
     name = a.model_name or (Path(a.model).name if a.model else "smollm2-135m-instruct")
     limits = Limits(a.max_concurrent, a.max_tokens_limit, a.max_request_bytes)
-    server = Server(model, tok, fmt, name, limits, api_key, safety, a.max_batch)
+    server = Server(model, tok, fmt, name, limits, api_key, safety, a.max_batch, a.compile)
     server.engine.start()
     if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", a.host)

@@ -1,0 +1,173 @@
+"""A compiled one-token decoding step (gpt-fast's structure) for batch-1 decoding on the CPU.
+
+Decoding one sequence is memory-bound: each token reads every weight once. The eager step spends
+its time in two places that `torch.compile` removes (measured, docs/results.md):
+
+- the matrix-vector products: MKL's and oneDNN's fp32 kernels stream a (1, in) x (in, out) product
+  at 10-20 GB/s on the 2-core CPU this project is measured on, where a plain sum reads 30 GB/s.
+  Written as a reduction, `(w * x).sum(-1)` over a row-major (out, in) weight, inductor emits one
+  vectorised loop per product that streams the weight at close to the read bandwidth;
+- the ~20 small operations of every layer (norms, rotary embeddings, attention over the cache,
+  SwiGLU, residuals): each a dispatch and often a parallel region, fused here into a few loops.
+
+Quantized projections (`llama2.quant.QuantLinear`) are the same reduction over their integers with
+the dequantisation fused into it: an int8 weight streams one byte per entry and an int4 weight half
+a byte (its nibbles unpacked in registers), with fp32 activations and accumulation. (torch's own
+int8/int4 CPU kernels take bf16 activations and are tuned for larger batches: see `llama2.quant`.)
+
+The step reads the same `KVCache` the eager prefill fills, so prefill stays eager (it is
+compute-bound, and already runs through oneDNN) and every later token is one call of the compiled
+step. The attention covers the filled columns only: `end` is a Python int that dynamo treats as a
+dynamic size after its first change, so one generation compiles at most twice and later ones
+reuse that code (and inductor caches it on disk across processes). The weights are arguments, not
+constants, so `Decoder.refresh()` after an RLHF update reuses the compiled code too.
+
+The maths is the model's (llama2.model): RMSNorm in fp32, Meta's interleaved rotary pairs, grouped
+attention; only the order of the floating-point sums differs (tested: logits to tolerance, greedy
+tokens equal to the eager model's).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama2.model import KVCache, Transformer
+from llama2.quant import QuantLinear
+
+COMPILE_HELP = ("decode single sequences with the compiled step (torch.compile; fp32 or int8/int4 CPU models): "
+                "~2x faster at batch 1, after a one-time compilation of about a minute, cached on disk")
+
+# A projection as the step reads it: ("float", w (out, in)), ("int8", q (out, in), scales (out,)),
+# or ("int4", nibbles (out, in/2), scales (out, G), mins (out, G)); see `_project`.
+Projection = tuple
+
+
+def _projection(mods: list[nn.Module]) -> Projection:
+    """One projection computing the outputs of `mods` (fused q|k|v, w1|w3) end to end."""
+    if all(isinstance(m, nn.Linear) for m in mods):
+        return ("float", torch.cat([m.weight.detach() for m in mods]).contiguous())
+    if all(isinstance(m, QuantLinear) for m in mods):
+        q = QuantLinear.cat(mods) if len(mods) > 1 else mods[0]
+        if q.mode == "int8":
+            return ("int8", q.weight_q.contiguous(), q.scales.float().contiguous())
+        return ("int4", q.weight_q.contiguous(), q.scales.float().contiguous(), q.mins.float().contiguous())
+    raise ValueError("a fused projection mixes float and quantized layers")
+
+
+def _project(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """x (1, in) -> (1, out) as a reduction over each weight row (see the module docstring)."""
+    kind = p[0]
+    if kind == "float":
+        return (p[1] * x).sum(-1)[None]
+    if kind == "int8":
+        return ((p[1].float() * x).sum(-1) * p[2])[None]
+    nib, scales, mins = p[1], p[2], p[3]
+    N, G = scales.shape
+    K = 2 * nib.shape[1]
+    half = K // G // 2  # bytes per group
+    xe, xo = x[0, 0::2], x[0, 1::2]  # inputs 2j (low nibbles) and 2j+1 (high nibbles)
+    lo, hi = (nib & 15).float(), (nib >> 4).float()
+    dots = (lo * xe + hi * xo).view(N, G, half).sum(-1)  # (N, G): codes . x per group
+    xsum = x[0].view(G, 2 * half).sum(-1)  # (G,): the inputs of each group, for the mins
+    return ((dots * scales).sum(-1) + (mins * xsum).sum(-1))[None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Meta's rotary embedding on interleaved pairs: x (heads, hd) with cos, sin (hd/2,)."""
+    pairs = x.float().view(x.shape[0], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(1)
+
+
+def _step(layers, embedding, norm, head, shape, token, position, column, mask, ks, vs):
+    """One token through the model: token (1,), position (1,) -> logits (1, vocab).
+
+    `shape` = (n_heads, n_kv_heads, head_dim, norm_eps, rope_theta). The new key and value go to
+    cache column `column` (1,); attention covers the cache's columns where `mask` (1, S), the
+    cache's key mask, is set (the filled ones). S is a dynamic size.
+    """
+    nq, nkv, hd, eps, theta = shape
+    x = embedding[token]  # (1, dim)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = position.float() * inv_freq  # (hd/2,)
+    cos, sin = angles.cos(), angles.sin()
+    mask = mask[0]
+    for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(layers):
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n1
+        q, k, v = _project(h, wqkv)[0].split([nq * hd, nkv * hd, nkv * hd])
+        q, k = _rotate(q.view(nq, hd), cos, sin), _rotate(k.view(nkv, hd), cos, sin)
+        ks[i][0, :, column] = k[:, None]  # index_put with a tensor index: no specialisation
+        vs[i][0, :, column] = v.view(nkv, 1, hd)
+        keys, values = ks[i][0], vs[i][0]  # (nkv, S, hd)
+        scores = (q.view(nkv, nq // nkv, hd) @ keys.transpose(1, 2)) / math.sqrt(hd)  # (nkv, rep, S)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + _project((probs @ values).reshape(1, nq * hd), wo)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n2
+        gate, up = _project(h, w13).chunk(2, dim=-1)
+        x = x + _project(F.silu(gate) * up, w2)
+    x = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * norm
+    return _project(x, head).float()
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    """`_step` compiled once per process (fullgraph: a graph break would be a bug, not a slowdown)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_step, fullgraph=True)
+    return _compiled_step
+
+
+def supported(model: Transformer) -> str | None:
+    """Why the compiled step cannot run `model` (None when it can)."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"the compiled step is for the CPU (the model is on {p.device.type})"
+    if p.dtype != torch.float32:
+        return f"the compiled step is for fp32 models (this one is {p.dtype})"
+    if model.args.head != "lm":
+        return "the compiled step decodes language models (this one has a scalar reward head)"
+    return None
+
+
+class CompiledDecode:
+    """The compiled batch-1 step over `model`'s weights (fused q|k|v and w1|w3, as PackedModel).
+
+    Call it as a decoding step: `step(token (1,), position (1,), cache)` writes the token's keys and
+    values at `cache.length` and returns its logits (1, vocab). Rebuild it after the weights change.
+    """
+
+    def __init__(self, model: Transformer):
+        why = supported(model)
+        if why:
+            raise ValueError(why)
+        a = model.args
+        with torch.no_grad():
+            self.layers = [
+                (layer.attention_norm.weight.detach(),
+                 _projection([layer.attention.wq, layer.attention.wk, layer.attention.wv]),
+                 _projection([layer.attention.wo]),
+                 layer.ffn_norm.weight.detach(),
+                 _projection([layer.feed_forward.w1, layer.feed_forward.w3]),
+                 _projection([layer.feed_forward.w2]))
+                for layer in model.layers]
+            self.embedding = model.tok_embeddings.weight.detach()
+            self.norm = model.norm.weight.detach()
+            self.head = _projection([model.output])
+        self.shape = (a.n_heads, a.n_kv_heads, a.head_dim, float(a.norm_eps), float(a.rope_theta))
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if token.shape[0] != 1:
+            raise ValueError(f"the compiled step decodes one row, got {token.shape[0]}")
+        for t in (cache.key_mask, *cache.k, *cache.v):  # one compiled step for every cache size
+            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
+        column = torch.tensor([cache.length])
+        logits = compiled_step()(self.layers, self.embedding, self.norm, self.head, self.shape,
+                                 token, position, column, cache.key_mask, cache.k, cache.v)
+        cache.length += 1
+        return logits
