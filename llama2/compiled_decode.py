@@ -11,9 +11,10 @@ its time in two places that `torch.compile` removes (measured, docs/results.md):
   SwiGLU, residuals): each a dispatch and often a parallel region, fused here into a few loops.
 
 Quantized projections (`llama2.quant.QuantLinear`) are the same reduction over their integers with
-the dequantisation fused into it: an int8 weight streams one byte per entry and an int4 weight half
-a byte (its nibbles unpacked in registers), with fp32 activations and accumulation. (torch's own
-int8/int4 CPU kernels take bf16 activations and are tuned for larger batches: see `llama2.quant`.)
+the dequantisation fused into it, with fp32 activations and accumulation: an int8 weight streams one
+byte per entry, and so does an int4 weight, whose codes the step keeps one per byte (inductor's loop
+over packed nibbles was 1.5x slower than streaming twice the bytes, measured). torch's own int8/int4
+CPU kernels, which the eager path calls, take bf16 activations (see `llama2.quant`).
 
 The step reads the same `KVCache` the eager prefill fills, so prefill stays eager (it is
 compute-bound, and already runs through oneDNN) and every later token is one call of the compiled
@@ -35,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama2.model import KVCache, Transformer
-from llama2.quant import QuantLinear
+from llama2.quant import QuantLinear, unpack_nibbles
 
 COMPILE_HELP = ("decode single sequences with the compiled step (torch.compile; fp32 or int8/int4 CPU models): "
                 "~2x faster at batch 1, after a one-time compilation of about a minute, cached on disk")
 
 # A projection as the step reads it: ("float", w (out, in)), ("int8", q (out, in), scales (out,)),
-# or ("int4", nibbles (out, in/2), scales (out, G), mins (out, G)); see `_project`.
+# or ("int4", codes (out, in) uint8 in [0, 15], scales (out, G), mins (out, G)); see `_project`.
 Projection = tuple
 
 
@@ -53,7 +54,10 @@ def _projection(mods: list[nn.Module]) -> Projection:
         q = QuantLinear.cat(mods) if len(mods) > 1 else mods[0]
         if q.mode == "int8":
             return ("int8", q.weight_q.contiguous(), q.scales.float().contiguous())
-        return ("int4", q.weight_q.contiguous(), q.scales.float().contiguous(), q.mins.float().contiguous())
+        # One code per byte: inductor's loop over packed nibbles was 1.5x slower than streaming
+        # twice the bytes (benchmarks/generate.py measures the result).
+        return ("int4", unpack_nibbles(q.weight_q).contiguous(), q.scales.float().contiguous(),
+                q.mins.float().contiguous())
     raise ValueError("a fused projection mixes float and quantized layers")
 
 
@@ -64,15 +68,11 @@ def _project(x: torch.Tensor, p: Projection) -> torch.Tensor:
         return (p[1] * x).sum(-1)[None]
     if kind == "int8":
         return ((p[1].float() * x).sum(-1) * p[2])[None]
-    nib, scales, mins = p[1], p[2], p[3]
-    N, G = scales.shape
-    K = 2 * nib.shape[1]
-    half = K // G // 2  # bytes per group
-    xe, xo = x[0, 0::2], x[0, 1::2]  # inputs 2j (low nibbles) and 2j+1 (high nibbles)
-    lo, hi = (nib & 15).float(), (nib >> 4).float()
-    dots = (lo * xe + hi * xo).view(N, G, half).sum(-1)  # (N, G): codes . x per group
-    xsum = x[0].view(G, 2 * half).sum(-1)  # (G,): the inputs of each group, for the mins
-    return ((dots * scales).sum(-1) + (mins * xsum).sum(-1))[None]
+    codes, scales, mins = p[1], p[2], p[3]  # (N, K) uint8, (N, G), (N, G)
+    N, K = codes.shape
+    G = scales.shape[1]
+    w = codes.float().view(N, G, K // G) * scales[..., None] + mins[..., None]  # fused: never stored
+    return (w.view(N, K) * x).sum(-1)[None]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
