@@ -1,19 +1,31 @@
-"""Generation speed: ours vs Hugging Face transformers' `generate`, same SmolLM2 weights, one run.
+"""Generation speed: ours vs Hugging Face transformers' `generate` (and llama.cpp), one run.
 
-fp32, greedy, `--new-tokens` (128) new tokens, EOS ignored, at batch 1 and batch 16, with
-`--threads` (2) threads. Also reports memory-bandwidth utilisation at batch 1: weight bytes x
-tokens/s over a measured copy bandwidth (bytes read + written per second by a large copy) and over
-a measured read bandwidth (a large sum; decoding only reads weights, so this is its real ceiling).
-Timings alternate ours/theirs over `--repeats` rounds; tokens/s are medians, the ratio is the
-median of the per-round ratios.
+SmolLM2-135M-Instruct, greedy, `--new-tokens` (128) new tokens, EOS ignored, at batches `--batches`
+(1, 16, 64), `--threads` (2) threads. Sides, timed in alternating rounds (`--repeats`):
 
-`--quant int8,int4,gguf` adds our model with quantized weights (llama2.quant) to the same rounds:
-int8 / int4 (group 32) quantized from the fp32 model, and `gguf`, the file's own Q4_1 blocks kept
-as int4 (its Q8_0 tied head as int8). Each gets its tokens/s, its speed-up over our fp32, the
-bytes it streams per token (integers, scales and norms: what a decoded token reads) and the
-fraction of read bandwidth, and whether its greedy rows equal our fp32 model's.
+- ours, eager: `Decoder` (the PackedModel copy), fp32;
+- ours, compiled (batch 1; `--no-compile` leaves it out): `Decoder(compile=True)`, the compiled
+  one-token step of llama2.compiled_decode;
+- transformers' `generate` on the same fp32 weights.
 
-    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--quant int8,int4,gguf]
+At batch 1 it also reports memory-bandwidth utilisation: weight bytes x tokens/s over a measured
+read bandwidth (a large sum; decoding only reads weights, so this is its ceiling) and over a
+measured copy bandwidth. tokens/s are medians, ratios the medians of per-round ratios.
+
+`--quant int8,int4,gguf` adds our model with quantized weights (llama2.quant): int8 / int4 (group
+32) quantized from the fp32 model, and `gguf`, the file's own Q4_1 blocks kept as int4 (its Q8_0
+tied head as int8); at batch 1 compiled (and eager with `--quant-eager`), in batches eager. Each
+gets tokens/s, its speed-up over our fp32 eager, the bytes it streams per token and whether its
+greedy rows equal our fp32 model's.
+
+`--vs llama.cpp` adds llama.cpp (llama-cpp-python, in benchmarks/.venv-llamacpp, built on first
+use) at batch 1 on the same GGUF file, with our `gguf` variant compiled beside it.
+
+The OpenMP wait policy is left as the user's (libgomp's default when unset); `--omp-wait-policy`
+sets it for the whole run.
+
+    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--batches 1,16,64]
+        [--quant int8,int4,gguf] [--vs llama.cpp] [--no-compile] [--profile]
 """
 from __future__ import annotations
 
@@ -21,9 +33,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _policy_from_argv() -> None:
+    """--omp-wait-policy must be in the environment before torch starts its OpenMP runtime."""
+    if "--omp-wait-policy" in sys.argv:
+        os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
+
+
+_policy_from_argv()
 
 import torch  # noqa: E402
 
@@ -42,114 +62,164 @@ def bandwidths(gib: float = 0.5, repeats: int = 5) -> tuple[float, float]:
     return 2 * x.numel() * 4 / best["copy"], x.numel() * 4 / best["read"]
 
 
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def profile_step(dec, prompt, new_tokens: int) -> str:
+    """The top operators of one batch-1 generation under torch.profiler (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llama2.generation import SamplingParams
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        dec.generate(prompt, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--quant", default="", help="comma-separated quantized variants to time too: int8, int4, gguf")
+    ap.add_argument("--quant-eager", action="store_true", help="at batch 1, time the quantized variants eager too")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled batch-1 step")
+    ap.add_argument("--vs", default="", choices=["", "llama.cpp"], help="also time llama.cpp on the same GGUF")
+    ap.add_argument("--llama-cpp-python", help="a python with llama_cpp (default: benchmarks/.venv-llamacpp)")
+    ap.add_argument("--omp-wait-policy", choices=["active", "passive"], help="default: the environment's")
+    ap.add_argument("--profile", action="store_true", help="print the operator profile of a batch-1 generation, "
+                    "eager and compiled")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     from transformers import AutoModelForCausalLM
 
     from llama2.checkpoint import build_model
-    from llama2.gguf_checkpoint import read_gguf
     from llama2.generation import Decoder, SamplingParams
+    from llama2.gguf_checkpoint import read_gguf
     from llama2.paths import smollm2_gguf
     from llama2.quant import quantize_model, quantized_bytes
 
+    compile_ = not a.no_compile
+    if a.vs and not compile_:
+        sys.exit("--vs llama.cpp compares against our compiled step: drop --no-compile")
     gguf = smollm2_gguf()
     ck = read_gguf(gguf)
     ours_model = build_model(ck.args, ck.state, ck.source)
-    gen = Decoder(ours_model, ck.tokenizer())
-    quant: dict[str, tuple[Decoder, int]] = {}  # name -> (decoder, bytes streamed per token)
-    for name in [q for q in a.quant.split(",") if q]:
+    tok = ck.tokenizer()
+    eager = Decoder(ours_model, tok)
+    compiled = Decoder(ours_model, tok, compile=True) if compile_ else None
+    quant_names = [q for q in a.quant.split(",") if q]
+    if a.vs and "gguf" not in quant_names:
+        quant_names.append("gguf")
+    quant: dict[str, tuple[Decoder, Decoder | None, int]] = {}  # name -> (eager, compiled, bytes per token)
+    for name in quant_names:
         if name == "gguf":
             qk = read_gguf(gguf, dequantize=False)
             qm = build_model(qk.args, qk.state, qk.source)
         else:
             qm = quantize_model(build_model(ck.args, ck.state, ck.source), name, 32)
-        quant[name] = (Decoder(qm), quantized_bytes(qm))
+        quant[name] = (Decoder(qm, tok), Decoder(qm, tok, compile=True) if compile_ else None, quantized_bytes(qm))
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours_model.parameters())  # tied head counted once
     copy_bw, read_bw = bandwidths()
     print(f"SmolLM2-135M fp32 ({weight_bytes / 1e6:.0f} MB of weights), {a.threads} threads, "
-          f"{a.new_tokens} new tokens, copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write), "
-          f"read bandwidth {read_bw / 1e9:.1f} GB/s")
+          f"{a.new_tokens} new tokens, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write), read bandwidth {read_bw / 1e9:.1f} GB/s",
+          flush=True)
 
-    results = {}
+    results: dict = {"read_bandwidth": read_bw, "copy_bandwidth": copy_bw, "weight_bytes": weight_bytes,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    greedy = SamplingParams(max_new_tokens=a.new_tokens, temperature=0, ignore_eos=True)
+    warm = SamplingParams(max_new_tokens=4, temperature=0)
     for B in [int(b) for b in a.batches.split(",")]:
         prompt = [[1] + [(17 * i + 101 * b) % 40000 + 100 for i in range(a.prompt_tokens - 1)] for b in range(B)]
         ids = torch.tensor(prompt)
-        params = SamplingParams(max_new_tokens=a.new_tokens, temperature=0, ignore_eos=True)
+        # name -> (decoder or None for transformers, bytes streamed per token)
+        sides: dict[str, tuple[Decoder | None, int]] = {"ours": (eager, weight_bytes), "transformers": (None, weight_bytes)}
+        if B == 1 and compiled is not None:
+            sides["ours compiled"] = (compiled, weight_bytes)
+        for n, (qe, qc, nbytes) in quant.items():
+            if B > 1 or qc is None or a.quant_eager:
+                sides[n] = (qe, nbytes)
+            if B == 1 and qc is not None:
+                sides[f"{n} compiled"] = (qc, nbytes)
 
-        def run_ours():
-            t = time.perf_counter()
-            out = gen.generate(prompt, params)
-            dt = time.perf_counter() - t
+        def run(dec):
+            if dec is None:
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
+                                  min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=2)
+                return [row[a.prompt_tokens:].tolist() for row in out]
+            out = dec.generate(prompt, greedy)
             assert all(len(c.tokens) == a.new_tokens for c in out)
-            return dt, out
+            return [c.tokens for c in out]
 
-        def run_theirs():
-            t = time.perf_counter()
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                              min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=2)
-            return time.perf_counter() - t, out
-
-        def run_quant(qgen):
-            t = time.perf_counter()
-            out = qgen.generate(prompt, params)
-            return time.perf_counter() - t, out
-
-        gen.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0))  # warm up both
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=2)
-        for qgen, _ in quant.values():
-            qgen.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0))
-        ours_t, theirs_t = [], []
-        quant_t: dict[str, list[float]] = {n: [] for n in quant}
-        quant_out = {}
+        for dec, _ in sides.values():  # warm up (and compile)
+            if dec is None:
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=2)
+            else:
+                dec.generate(prompt, warm)
+        times: dict[str, list[float]] = {n: [] for n in sides}
+        outs: dict[str, list] = {}
         for _ in range(a.repeats):
-            dt, ours_out = run_ours()
-            ours_t.append(dt)
-            dt, theirs_out = run_theirs()
-            theirs_t.append(dt)
-            for n, (qgen, _) in quant.items():
-                dt, quant_out[n] = run_quant(qgen)
-                quant_t[n].append(dt)
-        same = sum(o.tokens == t[a.prompt_tokens:].tolist() for o, t in zip(ours_out, theirs_out))
-        o_tps = B * a.new_tokens / statistics.median(ours_t)
-        t_tps = B * a.new_tokens / statistics.median(theirs_t)
-        ratio = statistics.median([t / o for o, t in zip(ours_t, theirs_t)])  # per round: robust to drift
-        row = {"ours_tok_s": o_tps, "transformers_tok_s": t_tps, "ratio": ratio,
-               "identical_greedy_rows": f"{same}/{B}"}
-        extra = ""
-        if B == 1:
-            # Each decoded token reads every weight once (the tied head/embedding counted once).
-            row["bandwidth_vs_copy"] = weight_bytes * o_tps / copy_bw
-            row["bandwidth_vs_read"] = weight_bytes * o_tps / read_bw
-            extra = (f", weights streamed at {weight_bytes * o_tps / 1e9:.1f} GB/s = "
-                     f"{row['bandwidth_vs_copy']:.0%} of copy, {row['bandwidth_vs_read']:.0%} of read bandwidth")
-        results[f"batch{B}"] = row
-        print(f"batch {B:>2}: ours {o_tps:7.1f} tok/s | transformers {t_tps:7.1f} tok/s | "
-              f"ratio {ratio:.2f}x (median of {a.repeats} rounds) | greedy rows identical {same}/{B}{extra}")
-        for n, (_, nbytes) in quant.items():
-            q_tps = B * a.new_tokens / statistics.median(quant_t[n])
-            speedup = statistics.median([o / q for o, q in zip(ours_t, quant_t[n])])
-            q_same = sum(x.tokens == y.tokens for x, y in zip(quant_out[n], ours_out))
-            qrow = {"tok_s": q_tps, "speedup_vs_fp32": speedup, "greedy_rows_as_fp32": f"{q_same}/{B}",
-                    "bytes_per_token": nbytes}
-            qextra = ""
+            for n, (dec, _) in sides.items():
+                dt, outs[n] = timed(lambda: run(dec))
+                times[n].append(dt)
+        lcpp = None
+        if B == 1 and a.vs == "llama.cpp":
+            import llama_cpp_env
+
+            lcpp = llama_cpp_env.run(llama_cpp_env.llama_cpp_python(a.llama_cpp_python), gguf, prompt[0],
+                                     a.new_tokens, a.threads, a.repeats)
+        row: dict = {}
+        base = times["ours"]
+        for n in sides:
+            tps = B * a.new_tokens / statistics.median(times[n])
+            entry = {"tok_s": tps, "vs_ours_eager": statistics.median([o / t for o, t in zip(base, times[n])]),
+                     "greedy_rows_as_ours_fp32": f"{sum(x == y for x, y in zip(outs[n], outs['ours']))}/{B}"}
+            if n != "transformers":
+                entry["vs_transformers"] = statistics.median(
+                    [h / t for h, t in zip(times["transformers"], times[n])])
             if B == 1:
-                qrow["bandwidth_vs_read"] = nbytes * q_tps / read_bw
-                qextra = (f", {nbytes / 1e6:.0f} MB streamed at {nbytes * q_tps / 1e9:.1f} GB/s = "
-                          f"{qrow['bandwidth_vs_read']:.0%} of read bandwidth")
-            row[f"quant_{n}"] = qrow
-            print(f"          {n:>5}: {q_tps:7.1f} tok/s | {speedup:.2f}x our fp32 | greedy rows as fp32 "
-                  f"{q_same}/{B}{qextra}")
+                nbytes = sides[n][1]
+                entry.update(bytes_per_token=nbytes, bandwidth_vs_read=nbytes * tps / read_bw,
+                             bandwidth_vs_copy=nbytes * tps / copy_bw)
+            row[n] = entry
+        if lcpp is not None:
+            l_tps = statistics.median(lcpp["tok_s"])
+            row["llama.cpp"] = {"tok_s": l_tps, "version": lcpp["version"],
+                                "greedy_as_ours_gguf": sum(x == y for x, y in zip(lcpp["tokens"], outs["gguf compiled"][0]))}
+        results[f"batch{B}"] = row
+        print(f"batch {B}:")
+        for n, e in row.items():
+            extra = ""
+            if n == "llama.cpp":
+                ours_q = row["gguf compiled"]["tok_s"]
+                print(f"  {n:>16}: {e['tok_s']:7.1f} tok/s | ours gguf compiled / llama.cpp {ours_q / e['tok_s']:.2f}x, "
+                      f"ours fp32 compiled / llama.cpp {row['ours compiled']['tok_s'] / e['tok_s']:.2f}x | "
+                      f"first {e['greedy_as_ours_gguf']}/{a.new_tokens} greedy tokens as ours gguf (llama-cpp-python "
+                      f"{e['version']})")
+                continue
+            if "vs_transformers" in e:
+                extra += f" | {e['vs_transformers']:.2f}x transformers"
+            if "bandwidth_vs_read" in e:
+                extra += (f" | {e['bytes_per_token'] / 1e6:.0f} MB/token streamed at "
+                          f"{e['bytes_per_token'] * e['tok_s'] / 1e9:.1f} GB/s = {e['bandwidth_vs_read']:.0%} of read, "
+                          f"{e['bandwidth_vs_copy']:.0%} of copy bandwidth")
+            print(f"  {n:>16}: {e['tok_s']:7.1f} tok/s | {e['vs_ours_eager']:.2f}x ours eager | greedy rows as "
+                  f"ours fp32 {e['greedy_rows_as_ours_fp32']}{extra}", flush=True)
+    if a.profile:
+        prompt = [[1] + [(17 * i) % 40000 + 100 for i in range(a.prompt_tokens - 1)]]
+        for name, dec in (("eager", eager), ("compiled", compiled)):
+            if dec is not None:
+                print(f"\nprofile, ours {name}, batch 1, 32 new tokens:\n{profile_step(dec, prompt, 32)}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
