@@ -23,6 +23,10 @@ dynamic size after its first change, so one generation compiles at most twice an
 reuse that code (and inductor caches it on disk across processes). The weights are arguments, not
 constants, so `Decoder.refresh()` after an RLHF update reuses the compiled code too.
 
+On a GPU (`Decoder(compile=True)` with a CUDA model, any float dtype) the same step runs as CUDA
+graphs (mode "reduce-overhead", cuBLAS products): shapes are static there, so each cache size
+compiles once (benchmarks/gpu_decode.py measures it).
+
 The maths is the model's (llama2.model): RMSNorm in fp32, Meta's interleaved rotary pairs, grouped
 attention; only the order of the floating-point sums differs (tested: logits to tolerance, greedy
 tokens equal to the eager model's).
@@ -64,6 +68,8 @@ def _projection(mods: list[nn.Module]) -> Projection:
 def _project(x: torch.Tensor, p: Projection) -> torch.Tensor:
     """x (1, in) -> (1, out) as a reduction over each weight row (see the module docstring)."""
     kind = p[0]
+    if kind == "float" and x.is_cuda:  # on a GPU the matrix-vector product is cuBLAS's (CUDA graphs)
+        return F.linear(x, p[1])
     if kind == "float":
         return (p[1] * x).sum(-1)[None]
     if kind == "int8":
@@ -91,19 +97,19 @@ def _step(layers, embedding, norm, head, shape, token, position, column, mask, k
     """
     nq, nkv, hd, eps, theta = shape
     x = embedding[token]  # (1, dim)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    angles = position.float() * inv_freq  # (hd/2,)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=token.device) / hd))
+    angles = position.float() * inv_freq.to(position.device)  # (hd/2,)
     cos, sin = angles.cos(), angles.sin()
     mask = mask[0]
     for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(layers):
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n1
         q, k, v = _project(h, wqkv)[0].split([nq * hd, nkv * hd, nkv * hd])
-        q, k = _rotate(q.view(nq, hd), cos, sin), _rotate(k.view(nkv, hd), cos, sin)
+        q, k = _rotate(q.view(nq, hd), cos, sin).type_as(x), _rotate(k.view(nkv, hd), cos, sin).type_as(x)
         ks[i][0, :, column] = k[:, None]  # index_put with a tensor index: no specialisation
         vs[i][0, :, column] = v.view(nkv, 1, hd)
         keys, values = ks[i][0], vs[i][0]  # (nkv, S, hd)
         scores = (q.view(nkv, nq // nkv, hd) @ keys.transpose(1, 2)) / math.sqrt(hd)  # (nkv, rep, S)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).type_as(x)
         x = x + _project((probs @ values).reshape(1, nq * hd), wo)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n2
         gate, up = _project(h, w13).chunk(2, dim=-1)
@@ -112,26 +118,31 @@ def _step(layers, embedding, norm, head, shape, token, position, column, mask, k
     return _project(x, head).float()
 
 
-_compiled_step = None
+_compiled: dict[str, object] = {}
 
 
-def compiled_step():
-    """`_step` compiled once per process (fullgraph: a graph break would be a bug, not a slowdown)."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_step, fullgraph=True)
-    return _compiled_step
+def compiled_step(cuda_graphs: bool = False):
+    """`_step` compiled once per process (fullgraph: a graph break would be a bug, not a slowdown);
+    with `cuda_graphs`, as CUDA graphs (mode "reduce-overhead", static shapes)."""
+    key = "cuda" if cuda_graphs else "cpu"
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_step, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+    return _compiled[key]
 
 
 def supported(model: Transformer) -> str | None:
     """Why the compiled step cannot run `model` (None when it can)."""
     p = next(model.parameters())
-    if p.device.type != "cpu":
-        return f"the compiled step is for the CPU (the model is on {p.device.type})"
-    if p.dtype != torch.float32:
-        return f"the compiled step is for fp32 models (this one is {p.dtype})"
     if model.args.head != "lm":
         return "the compiled step decodes language models (this one has a scalar reward head)"
+    if p.device.type == "cuda":
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            return "the compiled step runs quantized weights on the CPU only"
+        return None
+    if p.device.type != "cpu":
+        return f"the compiled step is for the CPU and CUDA (the model is on {p.device.type})"
+    if p.dtype != torch.float32:
+        return f"the compiled step is for fp32 models on the CPU (this one is {p.dtype})"
     return None
 
 
@@ -160,14 +171,29 @@ class CompiledDecode:
             self.norm = model.norm.weight.detach()
             self.head = _projection([model.output])
         self.shape = (a.n_heads, a.n_kv_heads, a.head_dim, float(a.norm_eps), float(a.rope_theta))
+        self.cuda_graphs = self.embedding.is_cuda
+        if self.cuda_graphs:  # static inputs: CUDA graphs read them in place instead of copying each replay
+            for t in self._tensors():
+                torch._dynamo.mark_static_address(t)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.embedding, self.norm, *self.head[1:]]
+        for n1, wqkv, wo, n2, w13, w2 in self.layers:
+            out += [n1, n2, *wqkv[1:], *wo[1:], *w13[1:], *w2[1:]]
+        return out
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if token.shape[0] != 1:
             raise ValueError(f"the compiled step decodes one row, got {token.shape[0]}")
-        for t in (cache.key_mask, *cache.k, *cache.v):  # one compiled step for every cache size
-            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
-        column = torch.tensor([cache.length])
-        logits = compiled_step()(self.layers, self.embedding, self.norm, self.head, self.shape,
-                                 token, position, column, cache.key_mask, cache.k, cache.v)
+        for t in (cache.key_mask, *cache.k, *cache.v):
+            if self.cuda_graphs:  # the cache is written in place: a static input of the graph
+                torch._dynamo.mark_static_address(t)
+            else:  # one compiled step for every cache size
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
+        column = torch.tensor([cache.length], device=token.device)
+        logits = compiled_step(self.cuda_graphs)(self.layers, self.embedding, self.norm, self.head, self.shape,
+                                                 token, position, column, cache.key_mask, cache.k, cache.v)
+        if self.cuda_graphs:
+            logits = logits.clone()  # the graph's output buffer is reused by the next replay
         cache.length += 1
         return logits

@@ -36,7 +36,7 @@ def test_gpu_check_script_plumbing_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh (the GPU checks, for a session lent a GPU) runs end to end; here on
     the CPU with a small shape, so that a GPU session spends its minutes measuring, not debugging."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", "DTYPE": "float32",
-           "PRESET": "20m", "SEQ": "16", "BATCH": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+           "PRESET": "20m", "SEQ": "16", "BATCH": "1", "NEW_TOKENS": "12", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,3 +45,6 @@ def test_gpu_check_script_plumbing_on_cpu(tmp_path):
     res = json.loads((tmp_path / "train_step.json").read_text())
     assert res["ours_mfu"] > 0 and res["transformers_mfu"] > 0
     assert "torch" in (tmp_path / "versions.txt").read_text()
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert decode["eager"]["decode_tok_s"] > 0 and decode["compiled"]["decode_tok_s"] > 0
+    assert decode["greedy_tokens_equal"] == "12/12"  # the compiled step decodes what the eager model does
