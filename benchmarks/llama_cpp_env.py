@@ -66,7 +66,8 @@ def worker() -> None:
         llm.reset()
         tokens = []
         t = time.perf_counter()
-        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        for tok in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, frequency_penalty=0.0,
+                                presence_penalty=0.0, reset=True):  # plain greedy: no penalties
             tokens.append(int(tok))
             if len(tokens) == a.new_tokens:
                 break
