@@ -1,7 +1,7 @@
-"""The compiled batch-1 decoding step (llama2.compiled_decode) against the plain eager model:
-logits to tolerance at every step (teacher-forced), greedy tokens equal, fp32 and int8/int4
-quantized weights, one compilation for every cache size, new weights after refresh, and the
-models it refuses."""
+"""The compiled decoding step (llama2.compiled_decode) against the plain eager model: logits to
+tolerance at every step (teacher-forced), greedy tokens equal at batch 1 and in batches, fp32 and
+int8/int4 quantized weights, one compilation for every cache and batch size, new weights after
+refresh, and the models it refuses."""
 import pytest
 import torch
 
@@ -81,8 +81,36 @@ def test_greedy_tokens_equal_eager_and_one_compilation_for_every_length():
         if i == 0:
             first = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == first, "a new cache size recompiled the step"
-    # Batches take the eager path and are unchanged by the flag.
-    assert [c.tokens for c in compiled.generate(PROMPTS, params)] == [c.tokens for c in eager.generate(PROMPTS, params)]
+
+
+def test_batches_equal_eager_as_rows_finish_and_compile_once():
+    """Float batches go through the compiled step too (oneDNN's products): rows that stop early
+    leave the batch, so one generation sees several batch sizes; one compilation serves them all."""
+    from torch._dynamo.utils import counters
+
+    m = model(4)
+    eager, compiled = Decoder(m), Decoder(m, compile=True)
+    free = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    want = [c.tokens for c in eager.generate(PROMPTS, free)]
+    assert [c.tokens for c in compiled.generate(PROMPTS, free)] == want
+    graphs = counters["stats"]["unique_graphs"]
+    # Stop on a token some rows produce early: the batch shrinks from 3 rows, step by step.
+    stop = SamplingParams(max_new_tokens=16, temperature=0, stop_ids=(want[0][3], want[1][5]))
+    got, ref = compiled.generate(PROMPTS, stop), eager.generate(PROMPTS, stop)
+    assert [c.tokens for c in got] == [c.tokens for c in ref]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in ref]
+    assert "stop" in [c.finish_reason for c in got]
+    four = PROMPTS + [[1, 2, 3]]  # a batch size not seen before
+    assert [c.tokens for c in compiled.generate(four, free)] == [c.tokens for c in eager.generate(four, free)]
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size recompiled the step"
+
+
+def test_quantized_batches_stay_eager():
+    m = quantize_model(model(5), "int8")
+    compiled = Decoder(m, compile=True)
+    assert compiled._compiled.handles(1) and not compiled._compiled.handles(3)
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert [c.tokens for c in compiled.generate(PROMPTS, params)] == [c.tokens for c in Decoder(m).generate(PROMPTS, params)]
 
 
 def test_refresh_reads_the_new_weights():
