@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct, greedy, `--new-tokens` (128) new tokens, EOS ignored, at 
 (1, 16, 64), `--threads` (2) threads. Sides, timed in alternating rounds (`--repeats`):
 
 - ours, eager: `Decoder` (the PackedModel copy), fp32;
-- ours, compiled (`--no-compile` leaves it out): `Decoder(compile=True)`, the compiled one-token
-  step of llama2.compiled_decode (at batch 1 its own reductions, in batches oneDNN's products);
+- ours, compiled (batch 1; `--no-compile` leaves it out): `Decoder(compile=True)`, the compiled
+  one-token step of llama2.compiled_decode;
 - transformers' `generate` on the same fp32 weights.
 
 At batch 1 it also reports memory-bandwidth utilisation: weight bytes x tokens/s over a measured
@@ -144,7 +144,7 @@ def main() -> None:
         ids = torch.tensor(prompt)
         # name -> (decoder or None for transformers, bytes streamed per token)
         sides: dict[str, tuple[Decoder | None, int]] = {"ours": (eager, weight_bytes), "transformers": (None, weight_bytes)}
-        if compiled is not None:
+        if B == 1 and compiled is not None:
             sides["ours compiled"] = (compiled, weight_bytes)
         for n, (qe, qc, nbytes) in quant.items():
             if B > 1 or qc is None or a.quant_eager:

@@ -1,4 +1,4 @@
-"""A compiled one-token decoding step (gpt-fast's structure) for decoding on the CPU.
+"""A compiled one-token decoding step (gpt-fast's structure) for batch-1 decoding on the CPU.
 
 Decoding one sequence is memory-bound: each token reads every weight once. The eager step spends
 its time in two places that `torch.compile` removes (measured, docs/results.md):
@@ -16,9 +16,9 @@ byte per entry, and so does an int4 weight, whose codes the step keeps one per b
 over packed nibbles was 1.5x slower than streaming twice the bytes, measured). torch's own int8/int4
 CPU kernels, which the eager path calls, take bf16 activations (see `llama2.quant`).
 
-Batches of rows (float weights) use the same step with oneDNN's products (as the eager path does,
-through an opaque custom op), so what it saves there is the per-operation overhead; the batch size
-is a dynamic dimension, so rows that finish and leave the batch do not recompile it.
+Batches stay eager: their products are compute-bound and already go to oneDNN. The same step over
+B rows with oneDNN's products (an opaque custom op) was tried and measured 0.87-1.26x the eager
+path's speed from run to run at batches 16 and 64, no reliable gain (docs/results.md).
 
 The step reads the same `KVCache` the eager prefill fills, so prefill stays eager (it is
 compute-bound, and already runs through oneDNN) and every later token is one call of the compiled
@@ -43,12 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama2.cpu_kernels import ONEDNN_LINEAR
 from llama2.model import KVCache, Transformer
 from llama2.quant import QuantLinear, unpack_nibbles
 
-COMPILE_HELP = ("decode with the compiled one-token step (torch.compile; fp32 or int8/int4 CPU models, batches "
-                "of fp32 ones): ~2x faster at batch 1, after a one-time compilation of about a minute, cached on disk")
+COMPILE_HELP = ("decode single sequences with the compiled step (torch.compile; fp32 or int8/int4 CPU models): "
+                "~2x faster at batch 1, after a one-time compilation of about a minute, cached on disk")
 
 # A projection as the step reads it: ("float", w (out, in)), ("int8", q (out, in), scales (out,)),
 # or ("int4", codes (out, in) uint8 in [0, 15], scales (out, G), mins (out, G)); see `_project`.
@@ -70,26 +69,11 @@ def _projection(mods: list[nn.Module]) -> Projection:
     raise ValueError("a fused projection mixes float and quantized layers")
 
 
-@torch.library.custom_op("llama2::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T by oneDNN (`cpu_kernels.ONEDNN_LINEAR`), opaque to inductor: its own lowering of the
-    op asserts on unpacked weights, and its plain `mm` (MKL) is slower at a few rows (measured)."""
-    return ONEDNN_LINEAR(x, w, None, "none", [None], "")
-
-
-@onednn_linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
-
-
-def _project(x: torch.Tensor, p: Projection, rows: bool) -> torch.Tensor:
-    """x (B, in) -> (B, out). One row (`rows` False): a reduction over each weight row (see the
-    module docstring). Several rows (float weights only): oneDNN's product, as the eager path."""
+def _project(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """x (1, in) -> (1, out) as a reduction over each weight row (see the module docstring)."""
     kind = p[0]
     if kind == "float" and x.is_cuda:  # on a GPU the product is cuBLAS's (CUDA graphs)
         return F.linear(x, p[1])
-    if rows:
-        return onednn_linear(x, p[1]) if ONEDNN_LINEAR is not None else F.linear(x, p[1])
     if kind == "float":
         return (p[1] * x).sum(-1)[None]
     if kind == "int8":
@@ -108,14 +92,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
-def _step(layers, embedding, norm, head, shape, rows: bool, token, position, column, mask, ks, vs):
-    """One token per row through the model: token (B,), position (B,) -> logits (B, vocab).
+def _step(layers, embedding, norm, head, shape, token, position, column, mask, ks, vs):
+    """One token through the model: token (1,), position (1,) -> logits (1, vocab).
 
-    `shape` = (n_heads, n_kv_heads, head_dim, norm_eps, rope_theta); `rows`: B > 1 (a dynamic size
-    then). The new keys and values go to cache column `column` (1,); attention covers the cache's
-    columns where `mask` (B, S), the cache's key mask, is set (the filled ones). S is dynamic.
+    `shape` = (n_heads, n_kv_heads, head_dim, norm_eps, rope_theta). The new key and value go to
+    cache column `column` (1,); attention covers the cache's columns where `mask` (1, S), the
+    cache's key mask, is set (the filled ones). S is a dynamic size.
     """
     nq, nkv, hd, eps, theta = shape
+    if isinstance(layers, tuple):  # stacked: each tensor holds every layer's (see `_stack`)
+        norms1, qkvs, wos, norms2, w13s, w2s = layers
+        layers = [(norms1[i], _select(qkvs, i), _select(wos, i), norms2[i], _select(w13s, i), _select(w2s, i))
+                  for i in range(norms1.shape[0])]
     B = token.shape[0]
     x = embedding[token]  # (B, dim)
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=token.device) / hd))
@@ -124,19 +112,41 @@ def _step(layers, embedding, norm, head, shape, rows: bool, token, position, col
     hidden = ~mask[:, None, None, :]  # (B, 1, 1, S)
     for i, (n1, wqkv, wo, n2, w13, w2) in enumerate(layers):
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n1
-        q, k, v = _project(h, wqkv, rows).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = _project(h, wqkv).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         q = _rotate(q.view(B, nq, hd), cos, sin).type_as(x)
         k = _rotate(k.view(B, nkv, hd), cos, sin).type_as(x)
         ks[i][:, :, column] = k[:, :, None]  # index_put with a tensor index: no specialisation
         vs[i][:, :, column] = v.view(B, nkv, 1, hd)
         scores = (q.view(B, nkv, nq // nkv, hd) @ ks[i].transpose(-1, -2)) / math.sqrt(hd)  # (B, nkv, rep, S)
         probs = scores.float().masked_fill(hidden, float("-inf")).softmax(-1).type_as(x)
-        x = x + _project((probs @ vs[i]).reshape(B, nq * hd), wo, rows)
+        x = x + _project((probs @ vs[i]).reshape(B, nq * hd), wo)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * n2
-        gate, up = _project(h, w13, rows).chunk(2, dim=-1)
-        x = x + _project(F.silu(gate) * up, w2, rows)
+        gate, up = _project(h, w13).chunk(2, dim=-1)
+        x = x + _project(F.silu(gate) * up, w2)
     x = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * norm
-    return _project(x, head, rows).float()
+    return _project(x, head).float()
+
+
+def _select(p: Projection, i: int) -> Projection:
+    return (p[0], *(t[i] for t in p[1:]))
+
+
+def _stack(layers: list[tuple]) -> tuple | list[tuple]:
+    """Every layer's tensors stacked into one per role, when all layers agree in kind and shape (they
+    do unless a checkpoint mixes float and quantized layers): a few graph arguments instead of ~7
+    per layer, whose guards dynamo checks on every call (0.9 ms a token for SmolLM2's 30 layers)."""
+    roles = list(zip(*layers))
+    out = []
+    for role in roles:
+        if isinstance(role[0], torch.Tensor):
+            if any(t.shape != role[0].shape for t in role):
+                return layers
+            out.append(torch.stack(role))
+        else:
+            if any(p[0] != role[0][0] or any(a.shape != b.shape for a, b in zip(p[1:], role[0][1:])) for p in role):
+                return layers
+            out.append((role[0][0], *(torch.stack(ts) for ts in list(zip(*role))[1:])))
+    return tuple(out)
 
 
 _compiled: dict[str, object] = {}
@@ -170,9 +180,8 @@ def supported(model: Transformer) -> str | None:
 class CompiledDecode:
     """The compiled step over `model`'s weights (fused q|k|v and w1|w3, as PackedModel).
 
-    Call it as a decoding step: `step(token (B,), position (B,), cache)` writes the tokens' keys and
-    values at `cache.length` and returns their logits (B, vocab); B > 1 needs float weights on the
-    CPU (`handles`). Rebuild it after the weights change.
+    Call it as a decoding step: `step(token (1,), position (1,), cache)` writes the token's keys and
+    values at `cache.length` and returns its logits (1, vocab). Rebuild it after the weights change.
     """
 
     def __init__(self, model: Transformer):
@@ -181,7 +190,7 @@ class CompiledDecode:
             raise ValueError(why)
         a = model.args
         with torch.no_grad():
-            self.layers = [
+            layers = [
                 (layer.attention_norm.weight.detach(),
                  _projection([layer.attention.wq, layer.attention.wk, layer.attention.wv]),
                  _projection([layer.attention.wo]),
@@ -189,44 +198,32 @@ class CompiledDecode:
                  _projection([layer.feed_forward.w1, layer.feed_forward.w3]),
                  _projection([layer.feed_forward.w2]))
                 for layer in model.layers]
+            self.layers = _stack(layers)
             self.embedding = model.tok_embeddings.weight.detach()
             self.norm = model.norm.weight.detach()
             self.head = _projection([model.output])
         self.shape = (a.n_heads, a.n_kv_heads, a.head_dim, float(a.norm_eps), float(a.rope_theta))
         self.cuda_graphs = self.embedding.is_cuda
-        self.float_weights = all(p[0] == "float" for p in [self.head, *(x for layer in self.layers for x in layer[1:]
-                                                                        if isinstance(x, tuple))])
         if self.cuda_graphs:  # static inputs: CUDA graphs read them in place instead of copying each replay
             for t in self._tensors():
                 torch._dynamo.mark_static_address(t)
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.embedding, self.norm, *self.head[1:]]
-        for n1, wqkv, wo, n2, w13, w2 in self.layers:
+        for n1, wqkv, wo, n2, w13, w2 in ([self.layers] if isinstance(self.layers, tuple) else self.layers):
             out += [n1, n2, *wqkv[1:], *wo[1:], *w13[1:], *w2[1:]]
         return out
 
-    def handles(self, rows: int) -> bool:
-        """Whether the step decodes `rows` rows: one row always; several with float weights on the CPU."""
-        return rows == 1 or (not self.cuda_graphs and self.float_weights)
-
     def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        B = token.shape[0]
-        if not self.handles(B):
-            raise ValueError(f"the compiled step decodes {B} rows only with float weights on the CPU")
-        rows = B > 1
+        if token.shape[0] != 1:
+            raise ValueError(f"the compiled step decodes one row, got {token.shape[0]}")
         for t in (cache.key_mask, *cache.k, *cache.v):
             if self.cuda_graphs:  # the cache is written in place: a static input of the graph
                 torch._dynamo.mark_static_address(t)
-            else:  # one compiled step for every cache size (and, in batches, every batch size)
+            else:  # one compiled step for every cache size
                 torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1 if t.dim() == 2 else 2)
-                if rows:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-        if rows:
-            torch._dynamo.maybe_mark_dynamic(token, 0)
-            torch._dynamo.maybe_mark_dynamic(position, 0)
         column = torch.tensor([cache.length], device=token.device)
-        logits = compiled_step(self.cuda_graphs)(self.layers, self.embedding, self.norm, self.head, self.shape, rows,
+        logits = compiled_step(self.cuda_graphs)(self.layers, self.embedding, self.norm, self.head, self.shape,
                                                  token, position, column, cache.key_mask, cache.k, cache.v)
         if self.cuda_graphs:
             logits = logits.clone()  # the graph's output buffer is reused by the next replay

@@ -104,9 +104,9 @@ class Decoder:
     """Generates continuations of token-id prompts with one model (and optionally its tokenizer).
 
     `packed`: decode with a PackedModel copy (default: on CPU, where it is faster). `compile`:
-    decode with the compiled step of `llama2.compiled_decode` (single rows of fp32 or quantized CPU
-    models, batches of fp32 ones; compiled on first use, then cached by inductor on disk); prefill
-    and quantized batches stay eager. Call `refresh()` after the model's weights change (e.g. between RLHF iterations).
+    decode single rows with the compiled step of `llama2.compiled_decode` (fp32 or quantized CPU
+    models; compiled on first use, then cached by inductor on disk); batches and prefill stay
+    eager. Call `refresh()` after the model's weights change (e.g. between RLHF iterations).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, packed: bool | None = None, compile: bool = False):
@@ -166,7 +166,7 @@ class Decoder:
     def decode_one_token(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step for every row: token (B,), position (B,) -> logits (B, V)."""
         cache.key_mask[:, cache.length] = True
-        if self._compiled is not None and self._compiled.handles(token.shape[0]):
+        if self._compiled is not None and token.shape[0] == 1:
             return self._compiled(token, position, cache)
         return self._forward(token[:, None], positions=position[:, None], cache=cache, last_only=True)[:, -1]
 

@@ -1,7 +1,7 @@
-"""The compiled decoding step (llama2.compiled_decode) against the plain eager model: logits to
-tolerance at every step (teacher-forced), greedy tokens equal at batch 1 and in batches, fp32 and
-int8/int4 quantized weights, one compilation for every cache and batch size, new weights after
-refresh, and the models it refuses."""
+"""The compiled batch-1 decoding step (llama2.compiled_decode) against the plain eager model:
+logits to tolerance at every step (teacher-forced), greedy tokens equal, fp32 and int8/int4
+quantized weights, one compilation for every cache size, stacked and unstacked layers, new weights
+after refresh, and the models it refuses."""
 import pytest
 import torch
 
@@ -83,34 +83,36 @@ def test_greedy_tokens_equal_eager_and_one_compilation_for_every_length():
     assert counters["stats"]["unique_graphs"] == first, "a new cache size recompiled the step"
 
 
-def test_batches_equal_eager_as_rows_finish_and_compile_once():
-    """Float batches go through the compiled step too (oneDNN's products): rows that stop early
-    leave the batch, so one generation sees several batch sizes; one compilation serves them all."""
-    from torch._dynamo.utils import counters
-
+def test_batches_stay_eager(monkeypatch):
     m = model(4)
-    eager, compiled = Decoder(m), Decoder(m, compile=True)
-    free = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
-    want = [c.tokens for c in eager.generate(PROMPTS, free)]
-    assert [c.tokens for c in compiled.generate(PROMPTS, free)] == want
-    graphs = counters["stats"]["unique_graphs"]
-    # Stop on a token some rows produce early: the batch shrinks from 3 rows, step by step.
-    stop = SamplingParams(max_new_tokens=16, temperature=0, stop_ids=(want[0][3], want[1][5]))
-    got, ref = compiled.generate(PROMPTS, stop), eager.generate(PROMPTS, stop)
-    assert [c.tokens for c in got] == [c.tokens for c in ref]
-    assert [c.finish_reason for c in got] == [c.finish_reason for c in ref]
-    assert "stop" in [c.finish_reason for c in got]
-    four = PROMPTS + [[1, 2, 3]]  # a batch size not seen before
-    assert [c.tokens for c in compiled.generate(four, free)] == [c.tokens for c in eager.generate(four, free)]
-    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size recompiled the step"
-
-
-def test_quantized_batches_stay_eager():
-    m = quantize_model(model(5), "int8")
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    calls = []
+    real = CompiledDecode.__call__
+    monkeypatch.setattr(CompiledDecode, "__call__", lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
     compiled = Decoder(m, compile=True)
-    assert compiled._compiled.handles(1) and not compiled._compiled.handles(3)
-    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     assert [c.tokens for c in compiled.generate(PROMPTS, params)] == [c.tokens for c in Decoder(m).generate(PROMPTS, params)]
+    assert calls == []  # three rows: eager
+    compiled.generate(PROMPTS[:1], params)
+    assert calls and set(calls) == {1}
+
+
+def test_layers_of_different_kinds_are_not_stacked():
+    """A checkpoint mixing float and quantized layers (a GGUF with some F16 projections) keeps one
+    entry per layer; the step computes the same either way."""
+    m = model(6)
+    quantize_model(m, "int8")
+    ref_model = model(6)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if hasattr(mod, "dequantize"):
+                ref_model.get_submodule(name).weight.copy_(mod.dequantize())
+    m.layers[1] = ref_model.layers[1]  # layer 1 float again, layer 0 int8
+    assert isinstance(CompiledDecode(m).layers, list)
+    assert isinstance(CompiledDecode(ref_model).layers, tuple)
+    prompt, cont = PROMPTS[0], [3, 77, 150, 9]
+    got = compiled_logits(m, prompt, cont, ref_model)
+    want = eager_logits(ref_model, prompt + cont)[len(prompt) - 1:]
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
 
 
 def test_refresh_reads_the_new_weights():

@@ -78,9 +78,6 @@ class PPOConfig:
     #                              the updates; 0 = micro_batch_size. These passes keep no activations,
     #                              so they can take more at once (trl's local_rollout_forward_batch_size)
     generation_batch_size: int = 64  # prompts sampled together (one seed per chunk)
-    # Sample with the compiled decoding step (llama2.compiled_decode; fp32 CPU policies): one compilation
-    # per process, reused by every iteration (the weights are its arguments). Not in the paper: speed only.
-    compile_generation: bool = False
     max_prompt_tokens: int = 1024  # longer prompts are skipped (and counted)
     max_new_tokens: int = 512  # answer length cap
     temperature: float = 1.0  # sampling temperature; log-probs use the same (the policy is what is sampled)
@@ -155,7 +152,7 @@ def generate(policy, tokenizer, fmt, prompts: list[list[int]], d: Dist, dtype, c
              seed: int) -> list[Rollout]:
     """This rank's rollouts for its share of `prompts`, sampled from consolidated full weights."""
     model = consolidated_policy(policy, d, dtype)
-    decoder = Decoder(model, tokenizer, compile=cfg.compile_generation)
+    decoder = Decoder(model, tokenizer)
     params = SamplingParams.for_chat(fmt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=1.0, top_k=0)
     chunks = generation_chunks([len(p) for p in prompts], cfg.generation_batch_size, d)
